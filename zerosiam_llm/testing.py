@@ -1,0 +1,101 @@
+"""Small randomly initialised causal LMs saved as normal HF folders: for tests, benchmarks and GPU smoke checks.
+
+The tokenizer is a byte-level BPE trained locally on arithmetic text, with a ChatML chat template, so the whole
+prompt -> generate -> loss path runs offline in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _corpus() -> list[str]:
+    lines = []
+    for a in range(0, 60, 3):
+        for b in range(1, 40, 7):
+            lines.append(
+                f"Tom has {a} apples and buys {b} more. How many apples? {a} + {b} = {a + b}. \\boxed{{{a + b}}}"
+            )
+            lines.append(
+                f"Please reason step by step, and put your final answer within \\boxed{{}}. {a} * {b} = {a * b}"
+            )
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``) with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token=None,
+        padding_side="left",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_causal_lm(
+    output_dir: str | Path | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    architecture: str = "llama",
+):
+    """``(model, tokenizer)``: a random Llama- (or Qwen2-) shaped causal LM; saved to ``output_dir`` when given."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+
+    tokenizer = build_tokenizer(vocab_size)
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[architecture]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # scale up the head so the random model has a peaked, entropy-rich distribution like a real one
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(2.0)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
+    )
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+    return model, tokenizer
