@@ -134,12 +134,12 @@ def test_stop_gradient_target_branch_gets_nothing():
     assert not torch.allclose(h.grad, h_bad.grad)
 
 
-def test_weight_never_gets_gradient_and_positions_outside_mask_get_zero():
+def test_head_must_be_frozen_and_positions_outside_mask_get_zero():
     hidden, weight, mask = _inputs(seed=2)
-    weight = weight.clone().requires_grad_(True)
+    with pytest.raises(UserInputError, match="LM head must be frozen"):
+        zerosiam_loss(hidden, mask, weight.clone().requires_grad_(True), _random_predictor("lora"))
     h = hidden.clone().requires_grad_(True)
     zerosiam_loss(h, mask, weight, _random_predictor("lora")).loss.backward()
-    assert weight.grad is None
     assert torch.all(h.grad[~mask] == 0) and torch.any(h.grad[mask] != 0)
 
 

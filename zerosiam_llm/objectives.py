@@ -16,7 +16,9 @@ in fp32 (fp64 if the inputs are fp64) whatever the model dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +72,16 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk):  # type: ignore[override]
+    def forward(ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk, gather):  # type: ignore[override]
+        # `gather` (ZeRO-3) materialises a sharded head weight for the duration of each pass
+        ctx.gather = gather
+        with gather():
+            return _ChunkedSiameseEntropy._forward(
+                ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk
+            )
+
+    @staticmethod
+    def _forward(ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk):
         dtype = _compute_dtype(h_online, weight)
         n = h_online.shape[0]
         siamese = h_target is not None
@@ -125,7 +136,8 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
             out[0, sl], out[1, sl], out[2, sl], out[3, sl] = h_o, kl_ro, kl_or, h_r
             out[4, sl], out[5, sl], out[6, sl] = lse_o, lse_r, sq * temperature**2
             top1[sl] = torch.exp(m_top - lse_r)
-        ctx.save_for_backward(h_online, h_target if siamese else None, weight, out[:6].clone())
+        ctx.save_for_backward(h_online, h_target if siamese else None, out[:6].clone())
+        ctx.weight = weight  # the (frozen) parameter itself, re-read under `gather` in backward
         ctx.siamese = siamese
         ctx.temperature, ctx.vocab_chunk, ctx.token_chunk = temperature, vocab_chunk, token_chunk
         stats = out[3:].clone()
@@ -134,7 +146,13 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_h, g_kl_ro, g_kl_or, _g_stats, _g_top1):  # type: ignore[override]
-        h_online, h_target, weight, saved = ctx.saved_tensors
+        with ctx.gather():
+            return _ChunkedSiameseEntropy._backward(ctx, g_h, g_kl_ro, g_kl_or)
+
+    @staticmethod
+    def _backward(ctx, g_h, g_kl_ro, g_kl_or):
+        h_online, h_target, saved = ctx.saved_tensors
+        weight = ctx.weight
         dtype = _compute_dtype(h_online, weight)
         inv_t = 1.0 / ctx.temperature
         grad = torch.zeros(h_online.shape, dtype=dtype, device=h_online.device)
@@ -164,7 +182,11 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
                     dz += gro * (p_o - log_p_r.exp())
                 acc += dz @ w
             grad[sl] = acc * inv_t
-        return grad.to(h_online.dtype), None, None, None, None, None
+        return grad.to(h_online.dtype), None, None, None, None, None, None
+
+
+def gather_noop() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def siamese_entropy_terms(
@@ -174,6 +196,7 @@ def siamese_entropy_terms(
     temperature: float = 1.0,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token terms over compacted rows ``[N, d]``.
 
@@ -184,10 +207,10 @@ def siamese_entropy_terms(
     """
     if temperature <= 0:
         raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
+    if weight.requires_grad:
+        raise UserInputError("the LM head must be frozen: its weight requires grad")
     target = h_target.detach() if h_target is not None else None
-    return _ChunkedSiameseEntropy.apply(
-        h_online, target, weight.detach(), float(temperature), vocab_chunk, token_chunk
-    )
+    return _ChunkedSiameseEntropy.apply(h_online, target, weight, float(temperature), vocab_chunk, token_chunk, gather)
 
 
 def zerosiam_loss(
@@ -200,6 +223,7 @@ def zerosiam_loss(
     num_items: float | torch.Tensor | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
 ) -> ObjectiveOutput:
     """ZeroSiam (``predictor`` given) or Tent (``predictor=None``, ``alpha`` must then be 0) over ``hidden[mask]``.
 
@@ -212,6 +236,7 @@ def zerosiam_loss(
         temperature: loss temperature T applied to both branches' logits.
         num_items: the divisor of the summed per-token loss (e.g. the token count of the whole global batch under
             gradient accumulation / DDP); defaults to the number of selected tokens here.
+        gather: a context-manager factory that materialises a sharded head weight (DeepSpeed ZeRO-3).
     """
     if alpha < 0:
         raise UserInputError(f"alpha must be >= 0, got {alpha}")
@@ -229,7 +254,7 @@ def zerosiam_loss(
     else:
         h_online, h_target = h, None
     h_o, kl_ro, kl_or, stats, top1 = siamese_entropy_terms(
-        h_online, h_target, lm_head_weight, temperature, vocab_chunk, token_chunk
+        h_online, h_target, lm_head_weight, temperature, vocab_chunk, token_chunk, gather
     )
     per_token = h_o + alpha * (kl_ro + kl_or) if alpha != 0 else h_o
     n = h.shape[0]

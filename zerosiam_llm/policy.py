@@ -169,6 +169,8 @@ def make_lora_config(
         raise UserInputError(f"lora_r must be > 0, got {r}")
     if not 0 <= dropout < 1:
         raise UserInputError(f"lora_dropout must be in [0, 1), got {dropout}")
+    if isinstance(target_modules, str) and "," in target_modules:  # --lora_target_modules q_proj,v_proj
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     bad = [t for t in targets if any(f in t for f in FORBIDDEN_LORA_TARGETS)]
     if bad:

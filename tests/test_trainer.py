@@ -1,0 +1,206 @@
+"""ZeroSiamTrainer on a tiny random model (fast) and the real embedded SmolLM2 through train.py (slow)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from zerosiam_llm.cli import train_main
+from zerosiam_llm.files import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+
+def tiny_args(model_dir, out, *extra):
+    return [
+        "--recipe", "smollm2-135m-cpu", "--model", str(model_dir), "--output_dir", str(out),
+        "--max_completion_length", "12", "--num_problems", "16", "--max_steps", "2", "--save_steps", "2",
+        "--answer_field", "null", *map(str, extra),
+    ]  # fmt: skip
+
+
+def run(argv):
+    return train_main(argv, recipes_dir=RECIPES)
+
+
+def adapter_state(out):
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
+def test_train_writes_adapter_predictor_metrics_and_card(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_args(tiny_model_dir, out)) == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "zerosiam_predictor.safetensors",
+                 "zerosiam_predictor.json", "metrics.jsonl", "samples.jsonl", "resolved_config.yaml", "README.md",
+                 "summary.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not any("predictor" in k for k in adapter_state(out))
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("zerosiam/entropy_target", "zerosiam/kl_target_online", "grad_norm/lora", "grad_norm/predictor"):
+        assert key in metrics[0]
+    assert metrics[0]["zerosiam/kl_target_online"] == 0.0  # P = I at step 1
+    assert metrics[1]["zerosiam/predictor_deviation"] > 0
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 16 and {s["step"] for s in samples} == {1, 2}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["entropy_target_first"] > 0
+    from zerosiam_llm.policy import load_model
+
+    model = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(out))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_k_rollouts_per_prompt(tiny_model_dir, tmp_path):
+    out = tmp_path / "k4"
+    assert run(tiny_args(tiny_model_dir, out, "--num_rollouts", 4, "--max_steps", 1)) == 0
+    ids = [s["id"] for s in read_jsonl(out / "samples.jsonl")]
+    assert len(ids) == 8 and len(set(ids)) == 2 and all(ids.count(i) == 4 for i in set(ids))
+
+
+def test_method_switch_and_identical_first_update_at_identity(tiny_model_dir, tmp_path):
+    """tent has no predictor; zerosiam with a fresh P = I makes the same first LoRA update (alpha 0 and 1)."""
+    runs = {}
+    for name, extra in {"tent": ["--method", "tent"], "zs0": ["--alpha", 0], "zs1": ["--alpha", 1]}.items():
+        out = tmp_path / name
+        assert run(tiny_args(tiny_model_dir, out, "--max_steps", 1, *extra)) == 0
+        runs[name] = adapter_state(out)
+    assert not (tmp_path / "tent" / "zerosiam_predictor.safetensors").exists()
+    assert (tmp_path / "zs0" / "zerosiam_predictor.safetensors").exists()
+    for other in ("zs0", "zs1"):
+        assert runs["tent"].keys() == runs[other].keys()
+        for key in runs["tent"]:
+            torch.testing.assert_close(runs["tent"][key], runs[other][key], rtol=1e-5, atol=1e-7)
+    # and the update is real: LoRA B moved off zero
+    assert any(v.abs().sum() > 0 for k, v in runs["tent"].items() if "lora_B" in k)
+
+
+def test_labels_never_change_a_gradient(tiny_model_dir, tmp_path):
+    """The same run with and without the gold-answer column ends in bit-identical adapter and predictor."""
+    with_gold, without_gold = tmp_path / "gold", tmp_path / "nogold"
+    assert run(tiny_args(tiny_model_dir, with_gold, "--answer_field", "answer")) == 0
+    assert run(tiny_args(tiny_model_dir, without_gold)) == 0
+    a, b = adapter_state(with_gold), adapter_state(without_gold)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pa = load_file(str(with_gold / "zerosiam_predictor.safetensors"))
+    pb = load_file(str(without_gold / "zerosiam_predictor.safetensors"))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    gold_metrics = [m for m in read_jsonl(with_gold / "metrics.jsonl") if "loss" in m]
+    assert "monitor/accuracy" in gold_metrics[0]
+    assert not any("monitor/accuracy" in m for m in read_jsonl(without_gold / "metrics.jsonl"))
+    assert [m["loss"] for m in gold_metrics] == [
+        m["loss"] for m in read_jsonl(without_gold / "metrics.jsonl") if "loss" in m
+    ]
+
+
+def _train_cmd(model_dir, out, max_steps):
+    return [sys.executable, str(REPO / "train.py"), *tiny_args(model_dir, out, "--max_steps", max_steps,
+            "--max_completion_length", 48, "--answer_field", "answer", "--monitor_every", 1000)]  # fmt: skip
+
+
+def test_exact_resume_after_sigkill(tiny_model_dir, tmp_path):
+    """4 steps straight == 2 steps, SIGKILL, resume: same losses, same predictor, no prompt repeated or skipped."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(_train_cmd(tiny_model_dir, straight, 4), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tiny_model_dir, resumed, 4), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not (resumed / "checkpoint-2" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "summary.json").exists()  # killed mid-run
+    subprocess.run(_train_cmd(tiny_model_dir, resumed, 4), check=True, env=env, capture_output=True)
+
+    def losses(out):
+        return [(m["step"], m["loss"]) for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+
+    assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(losses(straight), losses(resumed), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    pa = load_file(str(straight / "zerosiam_predictor.safetensors"))
+    pb = load_file(str(resumed / "zerosiam_predictor.safetensors"))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-7)
+
+    def prompts(out):
+        return [(s["step"], s["id"], s["completion"]) for s in read_jsonl(out / "samples.jsonl")]
+
+    assert prompts(straight) == prompts(resumed)
+
+
+def test_push_to_hub_uploads_adapter_predictor_and_card(tiny_model_dir, tmp_path, monkeypatch):
+    import transformers.trainer
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+            files = sorted(
+                str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*")
+                if p.is_file() and not any(Path(str(p.relative_to(folder_path))).match(pat) or
+                                           str(p.relative_to(folder_path)).split("/")[0].startswith(pat.rstrip("*"))
+                                           for pat in ignore_patterns or [])
+            )  # fmt: skip
+            calls.append({"repo_id": repo_id, "files": files, "folder": folder_path})
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeApi())
+    out = tmp_path / "push"
+    secret = "hf_NotARealTokenButSecret123"
+    argv = tiny_args(tiny_model_dir, out, "--push_to_hub", "true", "--hub_model_id", "someone/zs-tiny",
+                     "--hub_strategy", "end", "--hub_token", secret)  # fmt: skip
+    assert run(argv) == 0
+    final = calls[-1]
+    assert final["repo_id"] == "someone/zs-tiny"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "zerosiam_predictor.safetensors", "README.md"):
+        assert name in final["files"]
+    assert not any(f.startswith("checkpoint-") for f in final["files"])
+    card = (out / "README.md").read_text()
+    assert "**Trained without labels**" in card
+    assert "ZeroSiam" in card and "library_name: peft" in card and "| steps | 2 |" in card
+    assert "mean token entropy" in card
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
+
+
+def test_use_vllm_without_vllm_names_the_extra(capsys, tmp_path):
+    code = run(["--use_vllm", "true", "--output_dir", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert code == 2 and "zerosiam-llm[vllm]" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "accelerate"])
+def test_embedded_recipe_two_steps_offline(tmp_path, launcher):
+    """The README's main job, shortened: no GPU, no network; adapter loads with plain peft."""
+    out = tmp_path / f"embedded-{launcher}"
+    prefix = [sys.executable] if launcher == "python" else [sys.executable, "-m", "accelerate.commands.launch",
+                                                             "--num_processes", "1", "--cpu"]  # fmt: skip
+    cmd = [*prefix, str(REPO / "train.py"), "--recipe", "smollm2-135m-cpu.yaml", "--max_steps", "2",
+           "--output_dir", str(out), "--max_completion_length", "32"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "entropy H(p_r)" in proc.stdout
+    assert (out / "zerosiam_predictor.safetensors").is_file()
+    assert len([m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]) == 2
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert keys and not any("predictor" in k for k in keys)
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(out)).r == 16

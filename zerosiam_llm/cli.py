@@ -1,0 +1,175 @@
+"""Command-line entry points: ``train.py`` / ``zerosiam-train``. Bad input: one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from zerosiam_llm.config import ZeroSiamConfig, build_config, help_text, parse_overrides
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import atomic_write_text, read_jsonl
+
+DEFAULT_RECIPE = "smollm2-135m-cpu"
+RESOLVED_CONFIG = "resolved_config.yaml"
+# fields that may change between a run and its resumption
+RESUMABLE_CHANGES = {
+    "max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps", "report_to", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir", "disable_tqdm",
+    "monitor_every", "run_name", "logging_dir", "dataloader_num_workers",
+}  # fmt: skip
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", RESOLVED_CONFIG, "README.md", "completions")
+
+
+def run_cli(main, argv: list[str] | None) -> int:
+    """Run ``main(argv)``; a :class:`UserInputError` becomes one stderr line and exit code 2 (traceback: --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not debug:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except UserInputError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _prepare_output_dir(config: ZeroSiamConfig) -> str | None:
+    """Refuse a non-empty output_dir holding something else; return the checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"output_dir {out} exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if config.overwrite_output_dir:
+        for child in out.iterdir():
+            if child.name in RUN_FILES or child.name.startswith("checkpoint-") or child.name.startswith("adapter_"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        return None
+    previous = out / RESOLVED_CONFIG
+    if not previous.is_file():
+        raise UserInputError(
+            f"output_dir {out} is not empty and holds no zerosiam-llm run; choose another or pass "
+            "--overwrite_output_dir"
+        )
+    try:
+        old = yaml.safe_load(previous.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserInputError(f"{previous} is unreadable; pass --overwrite_output_dir to start over") from None
+    new = yaml.safe_load(yaml.safe_dump(config.resolved_dict()))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise UserInputError(
+            f"output_dir {out} holds another run (differs in {', '.join(changed[:6])}); choose another output_dir "
+            "or pass --overwrite_output_dir"
+        )
+    return get_last_checkpoint(str(out)) if config.resume else None
+
+
+def _summarise(config: ZeroSiamConfig, counts: dict, out: Path) -> dict[str, Any]:
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m or "entropy" in m]
+
+    def first_last(key):
+        values = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
+        return (values[0], values[-1]) if values else (None, None)
+
+    h0, h1 = first_last("entropy")
+    a0, a1 = first_last("monitor/accuracy")
+    return {
+        "method": config.method,
+        "model": config.model,
+        "steps": max((m.get("step", 0) for m in metrics), default=0),
+        "entropy_target_first": h0,
+        "entropy_target_last": h1,
+        "monitor_accuracy_first": a0,
+        "monitor_accuracy_last": a1,
+        "prompts": counts,
+        "adapter": str(out.resolve()),
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(
+        f"\n{summary['method']} on {summary['model']}: {summary['steps']} steps\n"
+        f"  entropy H(p_r): {fmt(summary['entropy_target_first'])} -> {fmt(summary['entropy_target_last'])}\n"
+        f"  monitor accuracy (gold answers, not used for training): {fmt(summary['monitor_accuracy_first'])} -> "
+        f"{fmt(summary['monitor_accuracy_last'])}\n"
+        f"  adapter + predictor + card: {summary['adapter']}"
+    )
+
+
+def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
+    overrides, rest = parse_overrides(argv)
+    if "help" in overrides:
+        print("usage: python train.py [--recipe NAME_OR_PATH] [--field value ...] [--debug]\n" + help_text())
+        return 0
+    if rest:
+        raise UserInputError(f"unexpected argument {rest[0]!r}; use --field value")
+    recipe = overrides.pop("recipe", None)
+    recipes_dir = Path(recipes_dir) if recipes_dir is not None else Path.cwd() / "recipes"
+    config = build_config(recipe, overrides, recipes_dir, default_recipe=DEFAULT_RECIPE)
+
+    from transformers import set_seed
+
+    from zerosiam_llm.data import build_prompt_dataset, load_problems
+    from zerosiam_llm.policy import load_model, load_tokenizer, make_lora_config, resolve_model
+    from zerosiam_llm.trainer import ZeroSiamTrainer, write_summary
+
+    source = resolve_model(config.model)
+    resume_from = _prepare_output_dir(config)
+    problems = load_problems(
+        config.dataset,
+        question_field=config.question_field,
+        answer_field=config.answer_field,
+        id_field=config.id_field,
+        split=config.dataset_split,
+        config_name=config.dataset_config,
+        limit=config.num_problems,
+        seed=config.data_seed if config.data_seed is not None else config.seed,
+        answer_style=config.answer_style,
+    )
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    dataset, counts = build_prompt_dataset(
+        problems, tokenizer, config.instruction, config.instruction_placement, config.max_prompt_length,
+        config.long_prompt,
+    )  # fmt: skip
+    if counts["skipped"] or counts["truncated"]:
+        print(f"prompts: {counts['kept']} kept, {counts['skipped']} skipped, {counts['truncated']} truncated "
+              f"(max_prompt_length={config.max_prompt_length}, long_prompt={config.long_prompt})")  # fmt: skip
+    model = load_model(
+        source, config.model_dtype, config.trust_remote_code, config.model_revision, config.attn_implementation
+    )
+    lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    trainer = ZeroSiamTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    out = Path(config.output_dir)
+    if trainer.is_world_process_zero():
+        atomic_write_text(out / RESOLVED_CONFIG, yaml.safe_dump(config.resolved_dict(), sort_keys=True))
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model(config.output_dir)  # adapter + predictor sidecar (+ Hub push when push_to_hub)
+    finally:
+        trainer.close()
+    if trainer.is_world_process_zero():
+        trainer.create_model_card()
+        summary = _summarise(config, counts, out)
+        write_summary(out, summary)
+        _print_summary(summary)
+    return 0
+
+
+def train_main(argv: list[str] | None = None, recipes_dir: str | Path | None = None) -> int:
+    return run_cli(lambda a: train(a, recipes_dir), argv)

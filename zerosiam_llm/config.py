@@ -1,0 +1,478 @@
+"""The recipe schema (``ZeroSiamConfig``, TRL style), YAML recipes with ``--field value`` overrides, and validation.
+
+A recipe is a flat YAML mapping of config fields. ``python train.py --recipe NAME [--field value ...]``: a bare NAME
+resolves in ``recipes/`` (``.yaml`` optional), a path works too; any field can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import DistillationConfig
+
+from zerosiam_llm.errors import UserInputError
+
+METHODS = ("zerosiam", "tent")
+PREDICTOR_FORMS = ("full", "lora")
+PROTOCOLS = ("offline", "online")
+OPTIMIZERS = ("adamw", "sgd")
+INSTRUCTION_PLACEMENTS = ("system", "user")
+LONG_PROMPT_POLICIES = ("skip", "truncate")
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+GENERATED_DATASET = "generated:arithmetic"
+# fields that exist in TrainingArguments / DistillationConfig but mean nothing here: refused if set in a recipe
+UNSUPPORTED_FIELDS = ("teacher_model_name_or_path", "teacher_model_revision", "teacher_model_init_kwargs", "beta")
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class ZeroSiamConfig(DistillationConfig):
+    r"""Configuration of [`ZeroSiamTrainer`]: test-time entropy minimisation with the ZeroSiam predictor.
+
+    Every field of [`trl.DistillationConfig`] / [`transformers.TrainingArguments`] is accepted as well (output_dir,
+    learning_rate, max_steps, per_device_train_batch_size, gradient_accumulation_steps, max_completion_length,
+    temperature, use_vllm, vllm_mode, report_to, push_to_hub, ...). Teacher fields and `beta` are not used.
+    """
+
+    # ---- model ----
+    model: str = field(
+        default="embedded:smollm2-135m",
+        metadata={"help": "Policy to adapt: a Hub id, a local folder, a .gguf file, or embedded:smollm2-135m."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    model_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the weights are loaded in: float32, bfloat16 or float16. LoRA and predictor are fp32."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel (eager, sdpa, flash_attention_2); None = transformers' pick."},
+    )
+
+    # ---- method ----
+    method: str = field(
+        default="zerosiam",
+        metadata={"help": "zerosiam (predictor + stop-gradient alignment) or tent (plain entropy minimisation)."},
+    )
+    protocol: str = field(
+        default="offline",
+        metadata={"help": "offline: epochs over unlabeled prompts with k rollouts each; online: predict-then-adapt."},
+    )
+    alpha: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the symmetric KL between online and stop-gradient target branches (paper: 1)."},
+    )
+    predictor: str = field(
+        default="full", metadata={"help": "Predictor form: full (d x d, identity init; the paper) or lora (I + BA)."}
+    )
+    predictor_rank: int = field(default=32, metadata={"help": "Rank r of the lora predictor (1..hidden size)."})
+    predictor_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Predictor learning rate; None = predictor_lr_ratio x learning_rate."},
+    )
+    predictor_lr_ratio: float = field(
+        default=10.0,
+        metadata={"help": "Predictor lr / LoRA lr when predictor_learning_rate is None (10x separated best on CPU)."},
+    )
+    predictor_weight_decay: float = field(
+        default=0.0, metadata={"help": "Weight decay of the predictor's delta (pulls P towards I, not towards 0)."}
+    )
+    predictor_max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "help": "Gradient clipping of the predictor group, separate from max_grad_norm (LoRA): the predictor's "
+            "gradient is ~10-20x LoRA's and would otherwise dominate one global clip. 0 disables."
+        },
+    )
+    optimizer: str = field(
+        default="adamw", metadata={"help": "adamw, or sgd (with momentum; the paper's vision setting)."}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (optimizer: sgd)."})
+    loss_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of the loss softmax (not the sampling temperature). > 0."}
+    )
+    vocab_chunk_size: int = field(
+        default=8192, metadata={"help": "Vocabulary tile of the chunked loss (memory ~ token_chunk x vocab_chunk)."}
+    )
+    token_chunk_size: int = field(default=2048, metadata={"help": "Token tile of the chunked loss."})
+    num_rollouts: int = field(
+        default=1, metadata={"help": "k: rollouts sampled per prompt (offline protocol). Each is trained on."}
+    )
+
+    # ---- LoRA ----
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha; None = 2 x lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | str = field(
+        default="all-linear",
+        metadata={"help": "Backbone modules that get LoRA (all-linear, or a list); never lm_head or embeddings."},
+    )
+
+    # ---- data ----
+    dataset: str = field(
+        default=GENERATED_DATASET,
+        metadata={
+            "help": "Prompts: a Hub data set id, a local .json/.jsonl/.parquet file, or generated:arithmetic "
+            "(the project's own arithmetic word problems)."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read."})
+    question_field: str = field(default="problem", metadata={"help": "Column holding the question."})
+    answer_field: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the gold answer, for monitor-only accuracy. It never reaches the loss."},
+    )
+    answer_style: str = field(
+        default="plain", metadata={"help": "How to read the gold answer: plain, boxed (MATH solution), gsm8k (####)."}
+    )
+    id_field: str | None = field(default=None, metadata={"help": "Column with a problem id; None = row index."})
+    num_problems: int | None = field(
+        default=None, metadata={"help": "Use the first N problems (after a seeded shuffle for generated data)."}
+    )
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction added to every prompt."})
+    instruction_placement: str = field(
+        default="user", metadata={"help": "user: appended to the question; system: as the system message."}
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Prompts longer than this many tokens are skipped or truncated (long_prompt)."}
+    )
+    long_prompt: str = field(default="skip", metadata={"help": "skip or truncate prompts over max_prompt_length."})
+
+    # ---- run ----
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow a non-empty output_dir that holds no resumable run of this recipe."}
+    )
+    resume: bool = field(
+        default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."}
+    )
+    monitor_every: int = field(default=1, metadata={"help": "Grade the rollouts (monitor accuracy) every N steps."})
+    recipe: str | None = field(default=None, metadata={"help": "Name of the recipe this config came from (recorded)."})
+
+    # ---- TRL / HF defaults that differ ----
+    output_dir: str | None = field(default="outputs/zerosiam", metadata={"help": "Where the run is written."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "LoRA learning rate."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = on when a CUDA GPU with bf16 is present."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    report_to: list[str] | str | None = field(
+        default="none", metadata={"help": "Logging backends: none, trackio, wandb, tensorboard (or a list)."}
+    )
+    save_strategy: str = field(default="steps", metadata={"help": "When to checkpoint (steps, epoch, no)."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
+    max_completion_length: int | None = field(default=256, metadata={"help": "Max new tokens per rollout."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rollouts per device per micro-step."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the policy."})
+
+    def __post_init__(self) -> None:
+        self._validate()
+        if self.bf16 is None:
+            self.bf16 = _cuda_bf16()
+        if self.protocol == "online":
+            self.shuffle_dataset = False
+        if self.method == "tent":
+            self.alpha = 0.0
+        try:
+            super().__post_init__()
+        except (ValueError, TypeError) as err:
+            raise UserInputError(str(err).strip().splitlines()[0]) from None
+
+    @property
+    def uses_predictor(self) -> bool:
+        return self.method == "zerosiam"
+
+    @property
+    def resolved_predictor_learning_rate(self) -> float:
+        if self.predictor_learning_rate is not None:
+            return self.predictor_learning_rate
+        return self.predictor_lr_ratio * self.learning_rate
+
+    def _validate(self) -> None:
+        choices = {
+            "method": METHODS,
+            "predictor": PREDICTOR_FORMS,
+            "protocol": PROTOCOLS,
+            "optimizer": OPTIMIZERS,
+            "instruction_placement": INSTRUCTION_PLACEMENTS,
+            "long_prompt": LONG_PROMPT_POLICIES,
+            "answer_style": ("plain", "boxed", "gsm8k"),
+            "model_dtype": ("float32", "bfloat16", "float16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
+        positive = ["loss_temperature", "vocab_chunk_size", "token_chunk_size", "lora_r", "monitor_every"]
+        positive += ["num_rollouts", "per_device_train_batch_size", "predictor_rank", "predictor_lr_ratio"]
+        for name in positive:
+            if getattr(self, name) is None or getattr(self, name) <= 0:
+                raise UserInputError(f"{name} must be > 0, got {getattr(self, name)}")
+        non_negative = ["alpha", "learning_rate", "predictor_weight_decay", "predictor_max_grad_norm", "momentum"]
+        non_negative += ["weight_decay", "max_grad_norm", "lora_dropout", "temperature"]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.predictor_learning_rate is not None and self.predictor_learning_rate < 0:
+            raise UserInputError(f"predictor_learning_rate must be >= 0, got {self.predictor_learning_rate}")
+        if self.method == "zerosiam" and self.alpha == 0:
+            pass  # allowed: a predictor with no alignment term (ablation); equals Tent's LoRA update
+        if self.max_completion_length is None or self.max_completion_length <= 0:
+            raise UserInputError(f"max_completion_length must be > 0, got {self.max_completion_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length <= 0:
+            raise UserInputError(f"max_prompt_length must be > 0 or null, got {self.max_prompt_length}")
+        if self.num_problems is not None and self.num_problems <= 0:
+            raise UserInputError(f"num_problems must be > 0 or null, got {self.num_problems}")
+        if not self.lora_dropout < 1:
+            raise UserInputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.use_vllm:
+            from trl.import_utils import is_vllm_available
+
+            if not is_vllm_available():
+                raise UserInputError(
+                    "use_vllm: true needs vLLM, which is not installed: pip install 'zerosiam-llm[vllm]' (the vllm "
+                    "extra; GPU only), or set use_vllm: false"
+                )
+        for name in UNSUPPORTED_FIELDS:
+            default = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}.get(name)
+            if getattr(self, name) != default:
+                raise UserInputError(f"{name} is a distillation setting and has no meaning here; remove it")
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """Every field's value, for ``resolved_config.yaml`` (tokens never recorded)."""
+        names = config_fields()
+        return {k: _plain(v) for k, v in self.to_dict().items() if k in names and k not in SECRET_FIELDS}
+
+
+SECRET_FIELDS = ("hub_token",)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# recipes and CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(ZeroSiamConfig) if f.init}
+
+
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(ZeroSiamConfig)
+
+
+def available_recipes(recipes_dir: str | os.PathLike) -> list[str]:
+    recipes_dir = Path(recipes_dir)
+    return sorted(p.stem for p in recipes_dir.glob("*.yaml")) if recipes_dir.is_dir() else []
+
+
+def resolve_recipe(name_or_path: str, recipes_dir: str | os.PathLike) -> Path:
+    """A recipe path: an existing file, else ``recipes_dir/NAME`` or ``recipes_dir/NAME.yaml``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    recipes_dir = Path(recipes_dir)
+    for candidate in (recipes_dir / name_or_path, recipes_dir / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = available_recipes(recipes_dir)
+    raise UserInputError(f"recipe {name_or_path!r} not found; available recipes: {', '.join(names) or '(none)'}")
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Safe-load a recipe YAML into a dict of raw values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"recipe {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserInputError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"recipe {path} must be a mapping of field: value, got a {type(data).__name__}")
+    return data
+
+
+def _unknown_field_error(name: str, source: str) -> UserInputError:
+    close = difflib.get_close_matches(name, list(config_fields()), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `python train.py --help` for the fields"
+    return UserInputError(f"unknown field {name!r} in {source}{hint}")
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce_value(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise a one-line error naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        # "none" stays a string (report_to: none); null / ~ / None mean None
+        if value is None or (isinstance(value, str) and value in ("null", "~", "None")):
+            if type(None) in args:
+                return None
+        if isinstance(value, str) and str in args:
+            return value  # "all-linear", "none": strings stay strings when the field allows one
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_value(name, value, arg)
+            except UserInputError as err:
+                errors.append(err)
+        allowed = " or ".join(_describe(a) for a in args)
+        raise UserInputError(f"{name}: expected {allowed}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserInputError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserInputError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UserInputError(f"{name}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise UserInputError(f"{name}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserInputError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserInputError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserInputError(f"{name}: expected a string, got {value!r}")
+        return value if isinstance(value, str) else str(value)
+    if origin is list or tp is list:
+        (item_tp,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserInputError(f"{name}: expected a list, got {value!r}")
+        return [coerce_value(name, v, item_tp) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise UserInputError(f"{name}: expected a mapping (JSON), got {value!r}") from None
+        if not isinstance(value, dict):
+            raise UserInputError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if value in allowed or isinstance(value, tp):
+            return value
+        raise UserInputError(f"{name}: {value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    return value  # Any and exotic types: let the dataclass check
+
+
+def parse_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``--key value`` / ``--key=value`` / bare ``--flag`` pairs, plus positional leftovers."""
+    overrides, rest, i = {}, [], 0
+    bool_fields = {n for n, tp in _type_hints().items() if tp is bool or tp == bool | None}
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            rest.append(token)
+            i += 1
+            continue
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        elif key.replace("-", "_") in bool_fields or key in ("debug", "help"):
+            value = "true"
+        else:
+            raise UserInputError(f"--{key} needs a value")
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return overrides, rest
+
+
+def build_config(
+    recipe: str | None,
+    overrides: dict[str, Any],
+    recipes_dir: str | os.PathLike,
+    default_recipe: str | None = None,
+) -> ZeroSiamConfig:
+    """Recipe YAML (or the default recipe) + overrides -> a validated :class:`ZeroSiamConfig`."""
+    raw: dict[str, Any] = {}
+    source_name = None
+    name = recipe or default_recipe
+    if name:
+        path = resolve_recipe(name, recipes_dir)
+        raw = load_recipe(path)
+        source_name = path.stem
+        for key in raw:
+            if key not in config_fields():
+                raise _unknown_field_error(str(key), f"recipe {path}")
+    for key in overrides:
+        if key not in config_fields():
+            raise _unknown_field_error(key, "the command line")
+    hints = _type_hints()
+    values = {k: coerce_value(k, v, hints[k]) for k, v in {**raw, **overrides}.items()}
+    values.setdefault("recipe", source_name)
+    try:
+        return ZeroSiamConfig(**values)
+    except UserInputError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise UserInputError(str(err).strip().splitlines()[0]) from None
+
+
+def help_text() -> str:
+    lines = ["fields (any can be set in a recipe or as --field value):"]
+    for name, f in config_fields().items():
+        help_ = f.metadata.get("help", "")
+        if name in ZeroSiamConfig.__annotations__:  # our own fields first, with their help
+            lines.append(f"  --{name}: {help_}")
+    lines.append("  ... and every transformers.TrainingArguments / trl.DistillationConfig field.")
+    return "\n".join(lines)

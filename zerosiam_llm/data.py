@@ -1,0 +1,193 @@
+"""Unlabeled problem sets: the Hub, local JSON/JSONL/Parquet files, or generated arithmetic word problems.
+
+Each problem is ``{"id", "question"}`` plus ``"answer"`` when a gold answer exists. Gold answers are for monitoring
+only: the trainer reads them after generation, from decoded text, and nothing derived from them reaches the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from zerosiam_llm.errors import UserInputError
+
+GENERATED_PREFIX = "generated:"
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+_NAMES = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ravi", "Eva"]
+_ITEMS = ["apples", "books", "marbles", "coins", "pencils", "stickers", "cards", "shells"]
+
+
+def generate_arithmetic_problems(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` two-number word problems (add, subtract, multiply) with integer answers; deterministic for a seed."""
+    rng = random.Random(seed)
+    problems = []
+    for i in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        kind = rng.choice(["add", "sub", "mul"])
+        if kind == "add":
+            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            q, ans = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+        elif kind == "sub":
+            a = rng.randint(10, 90)
+            b = rng.randint(1, a - 1)
+            q, ans = f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+        else:
+            a, b = rng.randint(2, 12), rng.randint(2, 9)
+            q, ans = f"{name} has {a} bags with {b} {item} in each bag. How many {item} are there in total?", a * b
+        problems.append({"id": f"arith-{seed}-{i}", "question": q, "answer": str(ans)})
+    return problems
+
+
+def _read_local(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise UserInputError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise UserInputError(
+            f"data file {path}: unsupported type {suffix or '(none)'}; allowed: .json, .jsonl, .parquet"
+        )
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise UserInputError(f"data file {path} is not a readable Parquet file: {err}") from None
+    raw = path.read_bytes()
+    rows: list[dict[str, Any]] = []
+    if suffix == ".json" and raw.lstrip()[:1] in (b"[", b"{"):
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserInputError(f"data file {path} is not UTF-8 (byte {err.start})") from None
+        except json.JSONDecodeError:
+            data = None  # maybe JSON lines with a .json suffix
+        if isinstance(data, list):
+            rows = data
+        elif isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            rows = lists[0] if len(lists) == 1 else [data]
+        if data is not None:
+            return [r for r in rows if isinstance(r, dict)]
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserInputError(f"data file {path}, line {lineno}: not UTF-8 text") from None
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"data file {path}, line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserInputError(f"data file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"cannot load data set {name!r} (split {split!r}): {first}") from None
+    return ds.to_list()
+
+
+def load_problems(
+    source: str,
+    question_field: str = "problem",
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    split: str = "train",
+    config_name: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    answer_style: str = "plain",
+) -> list[dict[str, Any]]:
+    """Problems from ``source``: ``generated:arithmetic``, a local file, or a Hub data set id."""
+    if source.startswith(GENERATED_PREFIX):
+        kind = source[len(GENERATED_PREFIX) :]
+        if kind != "arithmetic":
+            raise UserInputError(f"dataset {source!r} is unknown; generated data sets: generated:arithmetic")
+        problems = generate_arithmetic_problems(limit or 256, seed)
+        if answer_field is None:  # gold answers only when asked for (answer_field: answer)
+            problems = [{k: v for k, v in p.items() if k != "answer"} for p in problems]
+        return problems
+    path = Path(source).expanduser()
+    looks_local = path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")) or path.exists()
+    rows = _read_local(path) if looks_local else _read_hub(source, config_name, split)
+    if not rows:
+        raise UserInputError(f"data set {source} is empty")
+    fields = sorted({k for r in rows[:100] for k in r})
+    for name, value in (("question_field", question_field), ("answer_field", answer_field), ("id_field", id_field)):
+        if value is not None and value not in rows[0]:
+            raise UserInputError(f"{name} {value!r} is not a column of {source}; its columns: {', '.join(fields)}")
+    if limit is not None:
+        rows = rows[:limit]
+    problems = []
+    if answer_field is not None:
+        from zerosiam_llm.grading import gold_answer
+    for i, row in enumerate(rows):
+        question = row.get(question_field)
+        if not isinstance(question, str) or not question.strip():
+            raise UserInputError(f"{source}, row {i}: {question_field!r} is empty or not text")
+        problem = {"id": str(row[id_field]) if id_field else str(i), "question": question}
+        if answer_field is not None and row.get(answer_field) is not None:
+            problem["answer"] = gold_answer(str(row[answer_field]), answer_style)
+        problems.append(problem)
+    return problems
+
+
+def build_prompt_dataset(
+    problems: list[dict[str, Any]],
+    tokenizer,
+    instruction: str,
+    placement: str = "user",
+    max_prompt_length: int | None = None,
+    long_prompt: str = "skip",
+):
+    """``(datasets.Dataset, counts)``: conversational ``prompt`` + ``id`` (+ ``answer`` for monitoring).
+
+    Prompts over ``max_prompt_length`` tokens (chat template included) are skipped or have their question truncated;
+    ``counts`` says how many of each.
+    """
+    import datasets
+
+    from zerosiam_llm.prompts import build_messages, render_prompt
+
+    rows, counts = [], {"kept": 0, "skipped": 0, "truncated": 0}
+    has_answers = any("answer" in p for p in problems)
+    for problem in problems:
+        question = problem["question"]
+        messages = build_messages(question, instruction, placement)
+        if max_prompt_length is not None:
+            length = len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+            if length > max_prompt_length:
+                if long_prompt == "skip":
+                    counts["skipped"] += 1
+                    continue
+                q_ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+                keep = len(q_ids) - (length - max_prompt_length)
+                if keep <= 0:
+                    counts["skipped"] += 1  # even an empty question does not fit: the template alone is too long
+                    continue
+                question = tokenizer.decode(q_ids[:keep])
+                messages = build_messages(question, instruction, placement)
+                counts["truncated"] += 1
+        row = {"prompt": messages, "id": problem["id"]}
+        if has_answers:
+            row["answer"] = problem.get("answer")
+        rows.append(row)
+        counts["kept"] += 1
+    if not rows:
+        raise UserInputError(
+            f"no prompt fits max_prompt_length={max_prompt_length} ({counts['skipped']} skipped); raise it"
+        )
+    return datasets.Dataset.from_list(rows), counts

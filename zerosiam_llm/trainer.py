@@ -1,0 +1,367 @@
+"""``ZeroSiamTrainer``: TRL's on-policy ``DistillationTrainer`` with no teacher and the ZeroSiam loss.
+
+TRL does the rollouts (HF ``generate``, vLLM colocate or server, LoRA-merged weight sync), batching, DDP / FSDP /
+DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what ZeroSiam needs:
+
+- ``_compute_loss``: backbone hidden states -> chunked ZeroSiam / Tent objective (``objectives.py``);
+- ``create_optimizer``: LoRA and predictor parameter groups (AdamW or SGD-momentum), predictor lr of its own;
+- ``_clip_grad_norm`` / ``_get_grad_norm``: per-group clipping and per-group grad-norm logs;
+- ``_save`` / ``_load_from_checkpoint``: the predictor sidecar next to the normal peft adapter;
+- ``_get_train_sampler``: k rollouts per prompt (offline protocol);
+- ``_generate_and_score_completions``: after TRL returns the rollout tensors, decode and grade them for monitor-only
+  metrics and the per-sample record. Nothing computed from gold answers goes back into the returned batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import DistillationTrainer
+from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
+
+from zerosiam_llm.config import ZeroSiamConfig
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import append_jsonl, atomic_write_json, read_jsonl
+from zerosiam_llm.objectives import zerosiam_loss
+from zerosiam_llm.policy import PREDICTOR_ATTRIBUTE, attach_predictor, causal_lm, get_predictor, lm_head_weight
+from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class ZeroSiamTrainer(DistillationTrainer):
+    """Test-time entropy minimisation with the ZeroSiam predictor (``method: zerosiam``) or plain Tent (``tent``)."""
+
+    _tag_names = ["trl", "zerosiam", "test-time-adaptation", "entropy-minimization"]
+    _name = "ZeroSiam"
+    _paper = {
+        "title": "ZeroSiam: An Efficient Asymmetry for Test-Time Entropy Optimization without Collapse",
+        "id": "2509.23183",
+        "citation": (
+            "@inproceedings{chen2026zerosiam,\n  title={ZeroSiam: An Efficient Asymmetry for Test-Time Entropy "
+            "Optimization without Collapse},\n  author={Chen, Guohao and Niu, Shuaicheng and Chen, Deyu and Yang, "
+            "Jiahao and Zhang, Zitian and Tan, Mingkui and Wu, Pengcheng and Shen, Zhiqi},\n  booktitle={ICLR},\n"
+            "  year={2026}\n}"
+        ),
+    }
+
+    def __init__(
+        self,
+        model,
+        args: ZeroSiamConfig,
+        train_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+        grader=None,
+    ) -> None:
+        if not isinstance(args, ZeroSiamConfig):
+            raise TypeError("ZeroSiamTrainer needs a ZeroSiamConfig")
+        _check_head_supported(model)
+        generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        if generation_batch % args.num_rollouts:
+            raise UserInputError(
+                f"num_rollouts ({args.num_rollouts}) must divide per_device_train_batch_size x "
+                f"gradient_accumulation_steps ({generation_batch})"
+            )
+        super().__init__(
+            model=model,
+            teacher_model=None,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            peft_config=peft_config,
+        )
+        self.predictor: Predictor | None = None
+        if args.uses_predictor:
+            hidden = lm_head_weight(self.model).shape[1]
+            self.predictor = Predictor(hidden, args.predictor, args.predictor_rank, seed=args.seed)
+            # attached after peft wrapping (peft never saves it) and after TRL's QLoRA bf16 cast (it stays fp32)
+            attach_predictor(self.model, self.predictor)
+        if self.use_vllm:
+            self._keep_predictor_out_of_vllm_sync()
+        self._grader = grader
+        self._owns_grader = grader is None
+        self._step_answers: dict[int, dict[str, Any]] = {}
+        self.add_callback(RunRecordCallback(self))
+
+    # ---------------------------------------------------------------- rollouts
+
+    def _get_train_sampler(self, dataset=None):
+        # k rollouts per prompt: each prompt index repeats k times in a row within its generation batch (as in GRPO)
+        dataset = self.train_dataset if dataset is None else dataset
+        k = self.args.num_rollouts
+        generation_batch = (
+            self.args.per_device_train_batch_size
+            * self.accelerator.num_processes
+            * self.args.gradient_accumulation_steps
+        )
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=k,
+            batch_size=generation_batch // k,
+            repeat_count=self.args.gradient_accumulation_steps,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _keep_predictor_out_of_vllm_sync(self) -> None:
+        # vLLM raises on parameter names it does not know; generation uses base + merged LoRA only
+        generation = self.vllm_generation
+        original = generation._iter_named_params
+
+        def iter_without_predictor():
+            for name, param in original():
+                if PREDICTOR_ATTRIBUTE not in name:
+                    yield name, param
+
+        generation._iter_named_params = iter_without_predictor
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        # Monitoring only: decode the finished rollouts; the returned batch is TRL's, untouched.
+        self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"])
+        return output
+
+    @property
+    def grader(self):
+        if self._grader is None:
+            from zerosiam_llm.grading import Grader
+
+            self._grader = Grader(num_workers=1)
+        return self._grader
+
+    def _record_rollouts(self, inputs, completion_ids, completion_mask) -> None:
+        from accelerate.utils import gather_object
+
+        from zerosiam_llm.grading import extract_answer, has_boxed
+
+        texts = self.processing_class.batch_decode(
+            [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask, strict=True)],
+            skip_special_tokens=True,
+        )
+        lengths = completion_mask.sum(-1).tolist()
+        step = self.state.global_step + 1  # the optimisation step these rollouts train
+        rows = []
+        for example, text, length in zip(inputs, texts, lengths, strict=True):
+            extraction = extract_answer(text)
+            rows.append(
+                {
+                    "step": step,
+                    "id": example.get("id"),
+                    "completion": text,
+                    "completion_tokens": int(length),
+                    "truncated": int(length) >= self.args.max_completion_length,
+                    "answer": extraction.answer,
+                    "boxed": has_boxed(text),
+                    "gold": example.get("answer"),
+                }
+            )
+        rows = gather_object(rows)
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
+        metrics["completions/boxed_rate"].append(sum(r["boxed"] for r in rows) / len(rows))
+        graded = [r for r in rows if r["gold"] is not None]
+        if graded and (step - 1) % self.args.monitor_every == 0 and self.accelerator.is_main_process:
+            verdicts = self.grader.grade([r["gold"] for r in graded], [r["answer"] for r in graded])
+            for row, ok in zip(graded, verdicts, strict=True):
+                row["correct"] = bool(ok)
+            metrics["monitor/accuracy"].append(sum(verdicts) / len(verdicts))
+        if self.accelerator.is_main_process and mode == "train" and self.args.output_dir:
+            append_jsonl(Path(self.args.output_dir) / SAMPLES_FILE, rows)
+
+    # ---------------------------------------------------------------- loss
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            loss_mask = loss_mask * inputs["tool_mask"]
+        logits_to_keep = inputs["completion_ids"].size(1)
+        # row t of `hidden` predicts completion token t: the positions of the model's own generated tokens
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, logits_to_keep)
+        head = causal_lm(unwrapped_student).get_output_embeddings()
+        weight = head.weight
+        if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: gather the head once
+            weight = weight.full_tensor()
+        hidden = hidden.to(weight.device)
+        loss_mask = loss_mask.to(weight.device).bool()
+        if not bool(loss_mask.any()):  # every completion empty: a zero loss that still touches the graph (DDP)
+            zero = hidden.sum() * 0.0
+            return zero, zero.detach(), torch.zeros((), device=hidden.device)
+        predictor = get_predictor(unwrapped_student) if self.args.uses_predictor else None
+        out = zerosiam_loss(
+            hidden,
+            loss_mask,
+            weight,
+            predictor,
+            alpha=self.args.alpha,
+            temperature=self.args.loss_temperature,
+            num_items=num_items_in_batch,
+            vocab_chunk=self.args.vocab_chunk_size,
+            token_chunk=self.args.token_chunk_size,
+            gather=lambda: maybe_gather_lm_head_ctx(head.weight),
+        )
+        mode = "train" if self.model.training else "eval"
+        for name, value in out.metrics("zerosiam/").items():
+            self._metrics[mode][name].append(value)
+        self._metrics[mode]["zerosiam/predictor_deviation"].append(predictor.deviation() if predictor else 0.0)
+        n = torch.tensor(float(out.num_tokens), device=hidden.device)
+        # the parent logs sum/n as "entropy": report H(p_r), the distribution answers come from
+        return out.loss, torch.tensor(out.entropy_target, device=hidden.device) * n, n
+
+    # ---------------------------------------------------------------- optimizer and clipping
+
+    def _parameter_groups(self, model) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        lora, predictor = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (predictor if PREDICTOR_ATTRIBUTE in name else lora).append(param)
+        return lora, predictor
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        args = self.args
+        lora, predictor = self._parameter_groups(self.model if model is None else model)
+        groups = [{"params": lora, "lr": args.learning_rate, "weight_decay": args.weight_decay, "group": "lora"}]
+        if predictor:
+            groups.append(
+                {
+                    "params": predictor,
+                    "lr": args.resolved_predictor_learning_rate,
+                    "weight_decay": args.predictor_weight_decay,
+                    "group": "predictor",
+                }
+            )
+        if args.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+            )
+        return self.optimizer
+
+    def _per_group_norms(self, model, clip: bool) -> float:
+        lora, predictor = self._parameter_groups(model)
+        lora = [p for p in lora if p.grad is not None]
+        predictor = [p for p in predictor if p.grad is not None]
+        lora_max = self.args.max_grad_norm if clip and self.args.max_grad_norm > 0 else math.inf
+        pred_max = self.args.predictor_max_grad_norm if clip and self.args.predictor_max_grad_norm > 0 else math.inf
+        # the accelerator's clip unscales fp16 gradients once; the second group is clipped directly
+        lora_norm = self.accelerator.clip_grad_norm_(lora, lora_max) if lora else torch.zeros(())
+        pred_norm = torch.nn.utils.clip_grad_norm_(predictor, pred_max) if predictor else torch.zeros(())
+        lora_norm, pred_norm = float(lora_norm), float(pred_norm)
+        self._metrics["train"]["grad_norm/lora"].append(lora_norm)
+        if self.predictor is not None:
+            self._metrics["train"]["grad_norm/predictor"].append(pred_norm)
+        return math.sqrt(lora_norm**2 + pred_norm**2)
+
+    def _clip_grad_norm(self, model):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)  # sharded gradients: the engine's global clip
+        return self._per_group_norms(model, clip=True)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return self._per_group_norms(model, clip=False)
+        return super()._get_grad_norm(model, grad_norm)
+
+    # ---------------------------------------------------------------- save / load
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # the pickled training_args.bin must not carry a Hub token; the push reads it before or after this call
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, state_dict)  # peft keeps only adapter keys: the predictor is not in it
+        finally:
+            self.args.hub_token = token
+        if self.predictor is not None:
+            with self._dist.gather_params(list(self.predictor.parameters())):
+                if self.args.should_save:
+                    save_predictor(self.predictor, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.predictor is not None:
+            if not has_predictor(resume_from_checkpoint):
+                raise UserInputError(f"checkpoint {resume_from_checkpoint} has no predictor sidecar to resume from")
+            load_predictor_state_(self.predictor, resume_from_checkpoint)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
+        if not self.is_world_process_zero():
+            return
+        from zerosiam_llm.card import write_model_card
+
+        write_model_card(self.args, Path(self.args.output_dir), read_jsonl(Path(self.args.output_dir) / METRICS_FILE))
+
+    def close(self) -> None:
+        if self._owns_grader and self._grader is not None:
+            self._grader.close()
+            self._grader = None
+
+
+class RunRecordCallback(TrainerCallback):
+    """``metrics.jsonl`` (one line per logged step) and ``samples.jsonl``, kept consistent across resume."""
+
+    def __init__(self, trainer: ZeroSiamTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not args.output_dir:
+            return
+        out = Path(args.output_dir)
+        # a resumed run restarts after its checkpoint: drop the lines of steps it will redo
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            rows = read_jsonl(out / name)
+            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+            if len(kept) != len(rows) or (out / name).exists():
+                tmp = out / f".{name}.rewrite"
+                tmp.unlink(missing_ok=True)
+                append_jsonl(tmp, kept) if kept else tmp.touch()
+                os.replace(tmp, out / name)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and args.output_dir and logs:
+            append_jsonl(Path(args.output_dir) / METRICS_FILE, {"step": state.global_step, **logs})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.close()
+
+
+def _check_head_supported(model) -> None:
+    lm = causal_lm(model)
+    config = lm.config.get_text_config()
+    for name in (
+        "logit_scale",
+        "final_logit_softcapping",
+        "logits_scaling",
+        "output_multiplier",
+        "lm_head_multiplier",
+    ):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise UserInputError(
+                f"model {config.model_type} transforms its logits ({name}={value}); the chunked ZeroSiam loss "
+                "supports plain linear heads only (Llama, Qwen2/3, Mistral, SmolLM...)"
+            )
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserInputError(f"model {config.model_type} has an LM-head bias; only bias-free heads are supported")
+
+
+def write_summary(output_dir: Path, summary: dict) -> None:
+    atomic_write_json(output_dir / "summary.json", summary)
