@@ -129,7 +129,16 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     from zerosiam_llm.trainer import ZeroSiamTrainer, write_summary
 
     source = resolve_model(config.model)
+    if config.protocol == "online" and config.compare_methods:
+        from zerosiam_llm.online import compare_methods, comparison_table
+
+        results = compare_methods(config, argv, str(Path(recipes_dir).parent / "train.py"))
+        print(comparison_table(results, f"Online protocol, {config.model}"))
+        print(f"table: {Path(config.output_dir) / 'comparison.md'} and comparison.json")
+        return 0
     resume_from = _prepare_output_dir(config)
+    if config.protocol == "online":
+        return _train_online(config, source)
     problems = load_problems(
         config.dataset,
         question_field=config.question_field,
@@ -168,6 +177,51 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
         summary = _summarise(config, counts, out)
         write_summary(out, summary)
         _print_summary(summary)
+    return 0
+
+
+def _stream_name(dataset: str) -> str:
+    if dataset.startswith("generated:"):
+        return dataset.split(":", 1)[1]
+    return Path(dataset).stem if Path(dataset).suffix else dataset.rstrip("/").split("/")[-1]
+
+
+def _train_online(config: ZeroSiamConfig, source) -> int:
+    from zerosiam_llm.data import load_problems
+    from zerosiam_llm.online import run_streams
+    from zerosiam_llm.policy import load_tokenizer
+
+    if config.benchmarks:
+        from zerosiam_llm.evaluation import load_benchmark_problems
+
+        streams = [
+            (name, load_benchmark_problems(name, config.benchmarks_file, config.data_dir, config.num_problems))
+            for name in config.benchmarks
+        ]
+    else:
+        problems = load_problems(
+            config.dataset, question_field=config.question_field, answer_field=config.answer_field,
+            id_field=config.id_field, split=config.dataset_split, config_name=config.dataset_config,
+            limit=config.num_problems, seed=config.data_seed if config.data_seed is not None else config.seed,
+            answer_style=config.answer_style,
+        )  # fmt: skip
+        streams = [(_stream_name(config.dataset), problems)]
+    for name, problems in streams:
+        if not problems:
+            raise UserInputError(f"stream {name} has no problems")
+    tokenizer = load_tokenizer(source, config.trust_remote_code)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RESOLVED_CONFIG, yaml.safe_dump(config.resolved_dict(), sort_keys=True))
+    results = run_streams(config, streams, source, tokenizer)
+    for name, r in results.items():
+        acc = (
+            "n/a (no gold answers)"
+            if r["accuracy"] is None
+            else f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['graded']})"
+        )
+        print(f"{config.method} online on {name}: {r['problems']} problems, accuracy {acc}")
+    print(f"predictions: {out}/<stream>/predictions.jsonl")
     return 0
 
 

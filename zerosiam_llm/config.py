@@ -22,7 +22,7 @@ from trl import DistillationConfig
 
 from zerosiam_llm.errors import UserInputError
 
-METHODS = ("zerosiam", "tent")
+METHODS = ("zerosiam", "tent", "none")
 PREDICTOR_FORMS = ("full", "lora")
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
@@ -69,7 +69,10 @@ class ZeroSiamConfig(DistillationConfig):
     # ---- method ----
     method: str = field(
         default="zerosiam",
-        metadata={"help": "zerosiam (predictor + stop-gradient alignment) or tent (plain entropy minimisation)."},
+        metadata={
+            "help": "zerosiam (predictor + stop-gradient alignment), tent (plain entropy minimisation), or none "
+            "(online protocol only: predictions without adaptation)."
+        },
     )
     protocol: str = field(
         default="offline",
@@ -114,6 +117,33 @@ class ZeroSiamConfig(DistillationConfig):
     token_chunk_size: int = field(default=2048, metadata={"help": "Token tile of the chunked loss."})
     num_rollouts: int = field(
         default=1, metadata={"help": "k: rollouts sampled per prompt (offline protocol). Each is trained on."}
+    )
+
+    # ---- online protocol ----
+    stream_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Online: problems per stream batch (one prediction each, then the update). None = 8."},
+    )
+    steps_per_batch: int = field(default=1, metadata={"help": "Online: optimisation steps per stream batch."})
+    stream_seed: int | None = field(
+        default=0, metadata={"help": "Online: seed of the fixed stream order; null keeps the data set's order."}
+    )
+    benchmarks: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Online: benchmark streams (e.g. math500,aime24) from evals/benchmarks.yaml; each starts from the "
+            "base model. None = the `dataset` as one stream."
+        },
+    )
+    benchmarks_file: str | None = field(
+        default=None, metadata={"help": "Benchmark definitions (YAML); default: evals/benchmarks.yaml of the repo."}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Folder with local benchmark JSONL files (no network needed)."}
+    )
+    compare_methods: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Online: run these methods (e.g. none,tent,zerosiam) on the same streams and compare."},
     )
 
     # ---- LoRA ----
@@ -190,13 +220,41 @@ class ZeroSiamConfig(DistillationConfig):
         if self.bf16 is None:
             self.bf16 = _cuda_bf16()
         if self.protocol == "online":
-            self.shuffle_dataset = False
-        if self.method == "tent":
+            self._setup_online()
+        if self.method in ("tent", "none"):
             self.alpha = 0.0
+        if self.temperature == 0:
+            # greedy decoding (a generation setting; the loss has its own loss_temperature): HF generate takes
+            # do_sample=False, vLLM takes temperature 0; TRL's GenerationConfig keeps a valid temperature
+            greedy = {"temperature": 0.0} if self.use_vllm else {"do_sample": False}
+            self.generation_kwargs = {**(self.generation_kwargs or {}), **greedy}
+            self.temperature = 1.0
         try:
             super().__post_init__()
         except (ValueError, TypeError) as err:
             raise UserInputError(str(err).strip().splitlines()[0]) from None
+
+    def _setup_online(self) -> None:
+        if self.gradient_accumulation_steps != 1:
+            raise UserInputError("gradient_accumulation_steps must be 1 with protocol: online (one update per batch)")
+        if self.stream_batch_size is None:
+            self.stream_batch_size = 8
+        # one generation batch = one stream batch, k answers per problem, in the stream's fixed order
+        self.per_device_train_batch_size = self.stream_batch_size * self.num_rollouts
+        self.shuffle_dataset = False
+        self.num_train_epochs = 1
+        for name in ("benchmarks", "compare_methods"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [v.strip() for v in value.split(",") if v.strip()])
+        for method in self.compare_methods or []:
+            if method not in METHODS:
+                raise UserInputError(f"compare_methods: {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+
+    @property
+    def greedy(self) -> bool:
+        kwargs = self.generation_kwargs if isinstance(self.generation_kwargs, dict) else {}
+        return kwargs.get("do_sample") is False or kwargs.get("temperature") == 0.0
 
     @property
     def uses_predictor(self) -> bool:
@@ -224,6 +282,7 @@ class ZeroSiamConfig(DistillationConfig):
                 raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
         positive = ["loss_temperature", "vocab_chunk_size", "token_chunk_size", "lora_r", "monitor_every"]
         positive += ["num_rollouts", "per_device_train_batch_size", "predictor_rank", "predictor_lr_ratio"]
+        positive += ["steps_per_batch"]
         for name in positive:
             if getattr(self, name) is None or getattr(self, name) <= 0:
                 raise UserInputError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -236,6 +295,12 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError(f"predictor_learning_rate must be >= 0, got {self.predictor_learning_rate}")
         if self.method == "zerosiam" and self.alpha == 0:
             pass  # allowed: a predictor with no alignment term (ablation); equals Tent's LoRA update
+        if self.stream_batch_size is not None and self.stream_batch_size < 1:
+            raise UserInputError(f"stream_batch_size must be >= 1, got {self.stream_batch_size}")
+        if self.method == "none" and self.protocol != "online":
+            raise UserInputError("method: none (no adaptation) exists only with protocol: online")
+        if self.compare_methods and self.protocol != "online":
+            raise UserInputError("compare_methods needs protocol: online")
         if self.max_completion_length is None or self.max_completion_length <= 0:
             raise UserInputError(f"max_completion_length must be > 0, got {self.max_completion_length}")
         if self.max_prompt_length is not None and self.max_prompt_length <= 0:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 class ZeroSiamTrainer(DistillationTrainer):
@@ -92,7 +93,9 @@ class ZeroSiamTrainer(DistillationTrainer):
             self._keep_predictor_out_of_vllm_sync()
         self._grader = grader
         self._owns_grader = grader is None
-        self._step_answers: dict[int, dict[str, Any]] = {}
+        # the fresh adapter and P = I, restored between online streams (each starts from the base model)
+        self._initial_trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.stream_name: str | None = None
         self.add_callback(RunRecordCallback(self))
 
     # ---------------------------------------------------------------- rollouts
@@ -106,14 +109,47 @@ class ZeroSiamTrainer(DistillationTrainer):
             * self.accelerator.num_processes
             * self.args.gradient_accumulation_steps
         )
+        # online: the same stream batch is served steps_per_batch times (one prediction, several updates)
+        repeats = self.args.steps_per_batch if self.args.protocol == "online" else 1
         return RepeatSampler(
             data_source=dataset,
             mini_repeat_count=k,
             batch_size=generation_batch // k,
-            repeat_count=self.args.gradient_accumulation_steps,
+            repeat_count=self.args.gradient_accumulation_steps * repeats,
             shuffle=self.shuffle_dataset,
             seed=self.args.seed,
         )
+
+    def _prepare_inputs(self, generation_batch):
+        online_repeats = self.args.protocol == "online" and self.args.steps_per_batch > 1 and self.model.training
+        if not online_repeats:
+            return super()._prepare_inputs(generation_batch)
+        # predict once per stream batch, then reuse those rollouts for steps_per_batch updates
+        if self._step % self.args.steps_per_batch == 0 or self._buffered_inputs is None:
+            self._buffered_inputs = [self._generate_and_score_completions(generation_batch)]
+        return self._buffered_inputs[0]
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        if self.args.method == "none":  # online baseline: the same stream and predictions, no update
+            self._prepare_inputs(inputs)
+            self._step += 1
+            return torch.zeros((), device=self.accelerator.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def reset_stream(self, train_dataset, output_dir: str) -> None:
+        """Start a new online stream from the base model: fresh adapter, P = I, fresh optimizer and state."""
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self._initial_trainable:
+                    param.copy_(self._initial_trainable[name])
+        self.optimizer, self.lr_scheduler = None, None
+        self._step, self._buffered_inputs = 0, None
+        for metrics in self._metrics.values():
+            metrics.clear()
+        self.train_dataset = train_dataset
+        self.args.output_dir = output_dir
+        if self.use_vllm:
+            self._last_loaded_step = -1  # push the reset weights to vLLM before the first prediction
 
     def _keep_predictor_out_of_vllm_sync(self) -> None:
         # vLLM raises on parameter names it does not know; generation uses base + merged LoRA only
@@ -169,6 +205,9 @@ class ZeroSiamTrainer(DistillationTrainer):
             )
         rows = gather_object(rows)
         mode = "train" if self.model.training else "eval"
+        if self.args.protocol == "online" and mode == "train":
+            self._record_predictions(inputs, rows)
+            return
         metrics = self._metrics[mode]
         metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
         metrics["completions/boxed_rate"].append(sum(r["boxed"] for r in rows) / len(rows))
@@ -180,6 +219,56 @@ class ZeroSiamTrainer(DistillationTrainer):
             metrics["monitor/accuracy"].append(sum(verdicts) / len(verdicts))
         if self.accelerator.is_main_process and mode == "train" and self.args.output_dir:
             append_jsonl(Path(self.args.output_dir) / SAMPLES_FILE, rows)
+
+    def _record_predictions(self, inputs, rows) -> None:
+        """Online protocol: one line per problem, appended before this batch's update (the scored prediction)."""
+        from zerosiam_llm.grading import majority_answer
+
+        if not self.accelerator.is_main_process or (
+            self.args.steps_per_batch > 1 and self._step % self.args.steps_per_batch
+        ):
+            return
+        from zerosiam_llm.prompts import render_prompt
+
+        k = self.args.num_rollouts
+        path = Path(self.args.output_dir) / PREDICTIONS_FILE
+        done = {r["id"] for r in read_jsonl(path)}  # a resumed stream re-predicts a batch: keep the first record
+        groups = [rows[i : i + k] for i in range(0, len(rows), k)]
+        examples = inputs[::k]
+        golds = [g[0]["gold"] for g in groups]
+        chosen = []
+        for group in groups:
+            index, _ = majority_answer([r["answer"] for r in group]) if k > 1 else (0, 1)
+            chosen.append(group[index if index is not None else 0])
+        graded = [i for i, gold in enumerate(golds) if gold is not None]
+        verdicts = self.grader.grade([golds[i] for i in graded], [chosen[i]["answer"] for i in graded])
+        correct = dict(zip(graded, verdicts, strict=True))
+        lines = []
+        for i, (example, group, pick) in enumerate(zip(examples, groups, chosen, strict=True)):
+            if pick["id"] in done:
+                continue
+            line = {
+                "benchmark": self.stream_name,
+                "id": pick["id"],
+                "step": pick["step"],
+                "method": self.args.method,
+                "prompt": render_prompt(self.processing_class, example["prompt"]),
+                "completion": pick["completion"],
+                "answer": pick["answer"],
+                "gold": golds[i],
+                "correct": bool(correct[i]) if i in correct else None,
+                "completion_tokens": pick["completion_tokens"],
+                "truncated": pick["truncated"],
+            }
+            if k > 1:
+                line["completions"] = [r["completion"] for r in group]
+                line["answers"] = [r["answer"] for r in group]
+            lines.append(line)
+        append_jsonl(path, lines)
+        metrics = self._metrics["train"]
+        metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
+        if correct:
+            metrics["monitor/accuracy"].append(sum(correct.values()) / len(correct))
 
     # ---------------------------------------------------------------- loss
 

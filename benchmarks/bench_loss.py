@@ -1,0 +1,112 @@
+"""Loss step benchmark: forward + backward of the loss over a fixed batch on the embedded SmolLM2-135M with LoRA.
+
+Variants (each in its own subprocess, so the peak RSS is the variant's own):
+  tent           chunked Tent (objectives.tent_loss)
+  zerosiam       fused chunked ZeroSiam (objectives.zerosiam_loss, full predictor)
+  zerosiam-lora  fused chunked ZeroSiam, low-rank predictor (r = 32)
+  naive-tent     full [N, V] logits, then torch ops
+  naive-zerosiam full [N, V] logits for both branches, then torch ops (objectives.reference_terms)
+
+    python benchmarks/bench_loss.py                 # all variants, interleaved, 3 rounds, prints a table
+    python benchmarks/bench_loss.py --rounds 5 --batch 8 --length 256
+
+Each timed step is one backbone forward + loss + backward (LoRA r = 16 on all linear layers, fp32); the printed time
+is the median over rounds after one warm-up step per process. Peak RSS is the process high-water mark, which
+includes the model and activations: compare rows, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "naive-tent", "naive-zerosiam")
+
+
+def run_variant(variant: str, batch: int, length: int, prompt: int, steps: int) -> dict:
+    import torch
+
+    from zerosiam_llm.objectives import reference_terms, tent_loss, zerosiam_loss
+    from zerosiam_llm.policy import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
+    from zerosiam_llm.predictor import Predictor
+
+    torch.manual_seed(0)
+    model, _ = load_policy("embedded:smollm2-135m")
+    model = apply_lora(model, make_lora_config(16))
+    d = model.config.hidden_size
+    ids = torch.randint(100, 40000, (batch, length))
+    mask = torch.zeros(batch, length - 1, dtype=torch.bool)
+    mask[:, prompt - 1 :] = True  # positions predicting the completion tokens
+    predictor = None
+    if "zerosiam" in variant:
+        predictor = Predictor(d, "lora" if variant.endswith("lora") else "full", rank=32, seed=0)
+        with torch.no_grad():  # off the identity, as after a few steps
+            for p in predictor.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+    params = [p for p in model.parameters() if p.requires_grad] + list(predictor.parameters() if predictor else [])
+    weight = lm_head_weight(model)
+
+    def step() -> float:
+        for p in params:
+            p.grad = None
+        start = time.perf_counter()
+        h = final_hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
+        if variant == "tent":
+            loss = tent_loss(h, mask, weight).loss
+        elif variant.startswith("zerosiam"):
+            loss = zerosiam_loss(h, mask, weight, predictor).loss
+        else:
+            rows = h[mask]
+            online = predictor(rows) if predictor is not None else rows
+            h_o, kl_ro, kl_or, _ = reference_terms(online, rows, weight)
+            loss = (h_o + kl_ro + kl_or).mean() if predictor is not None else h_o.mean()
+        loss.backward()
+        return time.perf_counter() - start
+
+    step()  # warm-up
+    times = [step() for _ in range(steps)]
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"variant": variant, "seconds": times, "peak_rss_gb": peak_gb, "tokens": int(mask.sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print JSON")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one subprocess per variant each)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per subprocess")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=32)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.batch, args.length, args.prompt, args.steps)))
+        return
+    results: dict[str, list[dict]] = {v: [] for v in args.variants.split(",")}
+    for r in range(args.rounds):
+        for variant in results:  # interleaved: machine noise hits every variant alike
+            cmd = [sys.executable, __file__, "--variant", variant, "--steps", str(args.steps), "--batch",
+                   str(args.batch), "--length", str(args.length), "--prompt", str(args.prompt)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[variant].append(json.loads(out))
+            print(f"round {r + 1} {variant}: {results[variant][-1]['seconds']}", file=sys.stderr)
+    base = statistics.median(t for res in results.get("tent", []) for t in res["seconds"]) if "tent" in results else None
+    print(f"\nloss step, embedded SmolLM2-135M, LoRA r16 all-linear, fp32, {args.batch} x {args.length} tokens "
+          f"({results[next(iter(results))][0]['tokens']} loss positions), {args.rounds} rounds")  # fmt: skip
+    print("| variant | median s | min-max s | vs tent | peak RSS GB |")
+    print("|---|---|---|---|---|")
+    for variant, runs in results.items():
+        times = [t for res in runs for t in res["seconds"]]
+        med = statistics.median(times)
+        ratio = f"{med / base:.2f}" if base else "-"
+        rss = statistics.median(res["peak_rss_gb"] for res in runs)
+        print(f"| {variant} | {med:.2f} | {min(times):.2f}-{max(times):.2f} | {ratio} | {rss:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The online protocol: predict each stream batch with the current model, record it, then adapt."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from zerosiam_llm.cli import train_main
+from zerosiam_llm.config import build_config
+from zerosiam_llm.data import generate_arithmetic_problems
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import read_jsonl
+from zerosiam_llm.online import comparison_table, run_streams, stream_accuracy
+from zerosiam_llm.policy import load_tokenizer, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+
+
+def online_args(model_dir, out, *extra):
+    return [
+        "--recipe", "smollm2-135m-online-cpu", "--model", str(model_dir), "--output_dir", str(out),
+        "--max_completion_length", "10", "--num_problems", "12", "--stream_batch_size", "4", *map(str, extra),
+    ]  # fmt: skip
+
+
+def predictions(out, stream="arithmetic"):
+    return read_jsonl(Path(out) / stream / "predictions.jsonl")
+
+
+def run(argv):
+    return train_main(argv, recipes_dir=RECIPES)
+
+
+def test_predictions_precede_updates(tiny_model_dir, tmp_path):
+    """lr = 0: tent and zerosiam predict exactly what none predicts; lr > 0: the first batch still does."""
+    runs = {}
+    for name, extra in {
+        "none": ["--method", "none"],
+        "tent0": ["--method", "tent", "--learning_rate", 0],
+        "zs0": ["--method", "zerosiam", "--learning_rate", 0],
+        "zs_hot": ["--method", "zerosiam", "--learning_rate", 5e-2],
+        "tent_hot": ["--method", "tent", "--learning_rate", 5e-2],
+    }.items():
+        assert run(online_args(tiny_model_dir, tmp_path / name, *extra)) == 0
+        runs[name] = predictions(tmp_path / name)
+    none = runs["none"]
+    assert len(none) == 12 and len({p["id"] for p in none}) == 12
+    assert [p["step"] for p in none] == [1] * 4 + [2] * 4 + [3] * 4
+    for name in ("tent0", "zs0"):
+        assert [p["completion"] for p in runs[name]] == [p["completion"] for p in none]
+    for name in ("zs_hot", "tent_hot"):
+        assert [p["completion"] for p in runs[name][:4]] == [p["completion"] for p in none[:4]]
+        assert [p["id"] for p in runs[name]] == [p["id"] for p in none]  # same stream order
+    # the hot runs really adapted: later predictions moved for at least one method
+    assert any(
+        [p["completion"] for p in runs[name][4:]] != [p["completion"] for p in none[4:]]
+        for name in ("zs_hot", "tent_hot")
+    )
+    summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert summary["streams"]["arithmetic"]["problems"] == 12
+
+
+def test_reset_between_streams_restores_the_base_model(tiny_model_dir, tmp_path):
+    """Stream B after an adapted stream A predicts exactly what a fresh run on B alone predicts."""
+    source = resolve_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(source)
+    stream_a = generate_arithmetic_problems(8, seed=1)
+    stream_b = generate_arithmetic_problems(8, seed=2)
+    overrides = {"model": str(tiny_model_dir), "max_completion_length": "10", "stream_batch_size": "4",
+                 "learning_rate": "0.05"}  # fmt: skip
+    both = build_config("smollm2-135m-online-cpu", {**overrides, "output_dir": str(tmp_path / "both")}, RECIPES)
+    run_streams(both, [("a", stream_a), ("b", stream_b)], source, tokenizer)
+    alone = build_config("smollm2-135m-online-cpu", {**overrides, "output_dir": str(tmp_path / "alone")}, RECIPES)
+    run_streams(alone, [("b", stream_b)], source, tokenizer)
+    after_a = predictions(tmp_path / "both", "b")
+    fresh = predictions(tmp_path / "alone", "b")
+    assert [p["completion"] for p in after_a] == [p["completion"] for p in fresh]
+    assert [p["id"] for p in after_a] == [p["id"] for p in fresh]
+
+
+def _cmd(model_dir, out):
+    return [sys.executable, str(REPO / "train.py"), *online_args(model_dir, out, "--num_problems", 24,
+            "--max_completion_length", 40, "--stream_batch_size", 4)]  # fmt: skip
+
+
+def test_killed_stream_resumes_at_first_unscored_batch(tiny_model_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_cmd(tiny_model_dir, straight), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_cmd(tiny_model_dir, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while len(predictions(killed)) < 8:  # two batches scored, four more to come
+        assert proc.poll() is None and time.time() < deadline, "stream ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(predictions(killed))
+    assert 8 <= partial < 24
+    subprocess.run(_cmd(tiny_model_dir, killed), check=True, env=env, capture_output=True)
+    got = predictions(killed)
+    assert sorted(p["id"] for p in got) == sorted({p["id"] for p in got}) and len(got) == 24
+    want = {p["id"]: p["completion"] for p in predictions(straight)}
+    assert {p["id"]: p["completion"] for p in got} == want
+
+
+def test_compare_methods_writes_the_table(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert run(online_args(tiny_model_dir, out, "--compare_methods", "none,tent,zerosiam", "--num_problems", 8)) == 0
+    table = (out / "comparison.md").read_text()
+    for method in ("none", "tent", "zerosiam"):
+        assert f"| {method} |" in table
+    data = json.loads((out / "comparison.json").read_text())
+    assert set(data["results"]) == {"none", "tent", "zerosiam"}
+    assert data["results"]["none"]["arithmetic"]["problems"] == 8
+
+
+def test_accuracy_unavailable_without_gold_and_table_shape():
+    assert stream_accuracy([{"id": "1", "correct": None}])["accuracy"] is None
+    acc = stream_accuracy([{"correct": True}, {"correct": False}, {"correct": True}, {"correct": True}])
+    assert acc["accuracy"] == 0.75 and acc["ci95"][0] < 0.75 < acc["ci95"][1]
+    table = comparison_table({"none": {"math500": acc}, "zerosiam": {"math500": {"problems": 3, "accuracy": None}}},
+                             "t")  # fmt: skip
+    assert "| none | 75.0 (3/4)" in table and "n/a (3 problems, no gold)" in table
+
+
+def test_bad_online_input(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(UserInputError, match="stream_batch_size must be >= 1"):
+        build_config("smollm2-135m-online-cpu", {"stream_batch_size": "0"}, RECIPES)
+    with pytest.raises(UserInputError, match="method: none .* only with protocol: online"):
+        build_config("smollm2-135m-cpu", {"method": "none"}, RECIPES)
+    with pytest.raises(UserInputError, match="compare_methods: 'em' is not allowed"):
+        build_config("smollm2-135m-online-cpu", {"compare_methods": "none,em"}, RECIPES)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code = run(online_args(tiny_model_dir, tmp_path / "o", "--dataset", empty))
+    assert code == 2 and "is empty" in capsys.readouterr().err

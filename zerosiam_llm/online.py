@@ -1,0 +1,163 @@
+"""The online protocol (the paper's LLM setting): read a benchmark as a stream, predict each batch, then adapt.
+
+For each stream batch the current model answers first (greedy by default); that answer is the prediction that is
+scored, appended to ``predictions.jsonl`` at once; then one optimisation step is taken on the batch. Every stream
+(benchmark) starts from the base model with a fresh adapter, ``P = I`` and a fresh optimizer, in the same trainer
+(vLLM, when used, is not restarted). ``method: none`` runs the same stream with no update.
+
+A killed run resumes from the last checkpoint of the unfinished stream; finished streams are skipped; a batch
+re-predicted after resume is not recorded twice.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from zerosiam_llm.config import ZeroSiamConfig
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import atomic_write_json, atomic_write_text, read_jsonl
+from zerosiam_llm.grading import wilson_interval
+from zerosiam_llm.trainer import PREDICTIONS_FILE
+
+STREAM_SUMMARY = "stream_summary.json"
+
+
+def order_stream(problems: list[dict[str, Any]], seed: int | None) -> list[dict[str, Any]]:
+    """The fixed stream order: a seeded permutation (or the data set's own order when seed is None)."""
+    problems = list(problems)
+    if seed is not None:
+        random.Random(seed).shuffle(problems)
+    return problems
+
+
+def stream_accuracy(predictions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy of the recorded predictions with a 95% Wilson interval; unavailable (None) without gold answers."""
+    graded = [p for p in predictions if p.get("correct") is not None]
+    out: dict[str, Any] = {"problems": len(predictions), "graded": len(graded)}
+    if not graded:
+        out.update({"accuracy": None, "correct": None, "ci95": None, "note": "no gold answers: accuracy unavailable"})
+        return out
+    correct = sum(bool(p["correct"]) for p in graded)
+    low, high = wilson_interval(correct, len(graded))
+    out.update({"accuracy": correct / len(graded), "correct": correct, "ci95": [low, high]})
+    return out
+
+
+def run_streams(config: ZeroSiamConfig, streams: list[tuple[str, list[dict]]], source, tokenizer) -> dict[str, Any]:
+    """Run one method over every stream; returns ``{stream: accuracy dict}`` and writes ``summary.json``."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from zerosiam_llm.data import build_prompt_dataset
+    from zerosiam_llm.policy import load_model, make_lora_config
+    from zerosiam_llm.trainer import ZeroSiamTrainer
+
+    root = Path(config.output_dir)
+    results: dict[str, Any] = {}
+    trainer = None
+    try:
+        for name, problems in streams:
+            stream_dir = root / name
+            predictions_path = stream_dir / PREDICTIONS_FILE
+            if (stream_dir / STREAM_SUMMARY).is_file():  # finished earlier: never redo a scored stream
+                results[name] = json.loads((stream_dir / STREAM_SUMMARY).read_text())
+                continue
+            dataset, counts = build_prompt_dataset(
+                order_stream(problems, config.stream_seed), tokenizer, config.instruction,
+                config.instruction_placement, config.max_prompt_length, config.long_prompt,
+            )  # fmt: skip
+            set_seed(config.seed)
+            if trainer is None:
+                config.output_dir = str(stream_dir)
+                model = load_model(
+                    source, config.model_dtype, config.trust_remote_code, config.model_revision,
+                    config.attn_implementation,
+                )  # fmt: skip
+                lora = make_lora_config(
+                    config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+                )
+                trainer = ZeroSiamTrainer(
+                    model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+                )
+            else:
+                trainer.reset_stream(dataset, str(stream_dir))
+            trainer.stream_name = name
+            resume = get_last_checkpoint(str(stream_dir)) if stream_dir.is_dir() and config.resume else None
+            trainer.train(resume_from_checkpoint=resume)
+            if trainer.is_world_process_zero():
+                summary = {"stream": name, "method": config.method, **stream_accuracy(read_jsonl(predictions_path))}
+                summary["prompts"] = counts
+                atomic_write_json(stream_dir / STREAM_SUMMARY, summary)
+                results[name] = summary
+    finally:
+        if trainer is not None:
+            trainer.close()
+    config.output_dir = str(root)
+    atomic_write_json(root / "summary.json", {"method": config.method, "model": config.model, "streams": results})
+    return results
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def comparison_table(results: dict[str, dict[str, Any]], title: str) -> str:
+    """Markdown in the paper's shape: methods x streams, accuracy % (correct/graded) [95% CI]."""
+    streams = sorted({s for per_method in results.values() for s in per_method})
+    lines = [f"# {title}", "", "| method | " + " | ".join(streams) + " |", "|---|" + "---|" * len(streams)]
+    for method, per_stream in results.items():
+        cells = []
+        for stream in streams:
+            r = per_stream.get(stream)
+            if r is None:
+                cells.append("-")
+            elif r.get("accuracy") is None:
+                cells.append(f"n/a ({r.get('problems', 0)} problems, no gold)")
+            else:
+                low, high = r["ci95"]
+                cells.append(f"{_pct(r['accuracy'])} ({r['correct']}/{r['graded']}) [{_pct(low)}, {_pct(high)}]")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Accuracy % of the online predictions (each made before that batch's update), 95% Wilson interval.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def compare_methods(config: ZeroSiamConfig, argv: list[str], train_script: str) -> dict[str, Any]:
+    """Run each method in its own process (clean GPU memory, resumable) on the same streams; write the table."""
+    root = Path(config.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base = _strip_flags(argv, ("compare_methods", "method", "output_dir"))
+    results = {}
+    for method in config.compare_methods:
+        out = root / method
+        cmd = [sys.executable, train_script, *base, "--method", method, "--output_dir", str(out)]
+        print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise UserInputError(f"method {method} failed (exit code {proc.returncode}); see its output above")
+        results[method] = json.loads((out / "summary.json").read_text())["streams"]
+    title = f"Online protocol, {config.model}"
+    atomic_write_text(root / "comparison.md", comparison_table(results, title))
+    atomic_write_json(root / "comparison.json", {"model": config.model, "results": results})
+    return results
+
+
+def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        key = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+        if key in names:
+            i += 1 if "=" in token or i + 1 >= len(argv) or argv[i + 1].startswith("--") else 2
+            continue
+        out.append(token)
+        i += 1
+    return out
