@@ -204,3 +204,78 @@ def test_embedded_recipe_two_steps_offline(tmp_path, launcher):
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(out)).r == 16
+
+
+def _logged(out):
+    return [m for m in read_jsonl(Path(out) / "metrics.jsonl") if "loss" in m]
+
+
+def test_monitors_are_logged(tiny_model_dir, tmp_path):
+    out = tmp_path / "mon"
+    assert run(tiny_args(tiny_model_dir, out, "--max_steps", 1)) == 0
+    m = _logged(out)[0]
+    for key in ("monitor/repetition", "monitor/longest_repeated_span", "monitor/dominance", "coherence/base_nll",
+                "completions/answer_rate", "train/nonfinite_skipped"):  # fmt: skip
+        assert key in m, key
+    assert m["coherence/base_nll"] > 0
+
+
+PLANTED = '[{"metric": "zerosiam/predictor_deviation", "above": 0.3, "action": "%s"%s}]'
+
+
+def test_guard_stop_keeps_the_last_healthy_adapter(tiny_model_dir, tmp_path):
+    """A planted condition (the predictor drifting past 0.3) stops the run; the result is the last healthy adapter."""
+    out = tmp_path / "stop"
+    argv = tiny_args(tiny_model_dir, out, "--max_steps", 6, "--save_steps", 1, "--guard_rules", PLANTED % ("stop", ""))
+    assert run(argv) == 0
+    logged = _logged(out)
+    fired = json.loads((out / "guard_events.jsonl").read_text().splitlines()[0])
+    assert fired["action"] == "stop" and logged[-1]["step"] == fired["step"] < 6
+    summary = json.loads((out / "summary.json").read_text())
+    healthy = Path(summary["stopped_by_guard"]["adapter_from"])
+    assert healthy.parent.name == "healthy" and int(healthy.name.split("-")[1]) < fired["step"]
+    final, kept = adapter_state(out), adapter_state(healthy)
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    pf = load_file(str(out / "zerosiam_predictor.safetensors"))
+    ph = load_file(str(healthy / "zerosiam_predictor.safetensors"))
+    assert all(torch.equal(pf[k], ph[k]) for k in pf)
+
+
+def test_guard_rollback_restores_the_checkpoint_and_lowers_the_lr(tiny_model_dir, tmp_path):
+    out = tmp_path / "rollback"
+    rules = PLANTED % ("rollback", ', "lr_factor": 0.5')
+    assert run(tiny_args(tiny_model_dir, out, "--max_steps", 5, "--save_steps", 1, "--guard_rules", rules)) == 0
+    logged = {m["step"]: m for m in _logged(out)}
+    fired = json.loads((out / "guard_events.jsonl").read_text().splitlines()[0])["step"]
+    summary = json.loads((out / "summary.json").read_text())
+    restored = Path(summary["rollbacks"][0]["restored"])
+    restored_step = int(restored.name.split("-")[1])
+    # the step after the rollback trains from the checkpoint's weights: its logged predictor deviation is exactly
+    # the one logged right after that checkpoint was saved (computed from the same weights)
+    deviation = logged[fired + 1]["zerosiam/predictor_deviation"]
+    assert deviation == logged[restored_step + 1]["zerosiam/predictor_deviation"]
+    # HF logs the lr the scheduler held when the step began: the halved lr shows from the second step after
+    assert logged[fired + 2]["learning_rate"] == pytest.approx(logged[fired]["learning_rate"] * 0.5)
+    assert 5 in logged  # and the run continued
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, monkeypatch):
+    import zerosiam_llm.trainer as trainer_module
+
+    real = trainer_module.zerosiam_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "zerosiam_loss", poisoned)
+    out = tmp_path / "nan"
+    assert run(tiny_args(tiny_model_dir, out, "--max_steps", 6, "--save_steps", 1)) == 0
+    logged = _logged(out)
+    assert [m["train/nonfinite_skipped"] for m in logged] == [1.0, 1.0, 1.0]  # stopped after 3 in a row
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nonfinite_skipped_steps"] == 3 and "non-finite" in summary["stopped_by_guard"]["message"]
+    state = adapter_state(out)  # every update was skipped: the adapter is the fresh one (B = 0), all finite
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert all(v.abs().sum() == 0 for k, v in state.items() if "lora_B" in k)

@@ -23,7 +23,8 @@ RESUMABLE_CHANGES = {
     "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir", "disable_tqdm",
     "monitor_every", "run_name", "logging_dir", "dataloader_num_workers",
 }  # fmt: skip
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", RESOLVED_CONFIG, "README.md", "completions")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", RESOLVED_CONFIG, "README.md", "completions",
+             "guard_events.jsonl", "healthy", "predictions.jsonl")  # fmt: skip
 
 
 def run_cli(main, argv: list[str] | None) -> int:
@@ -76,7 +77,7 @@ def _prepare_output_dir(config: ZeroSiamConfig) -> str | None:
     return get_last_checkpoint(str(out)) if config.resume else None
 
 
-def _summarise(config: ZeroSiamConfig, counts: dict, out: Path) -> dict[str, Any]:
+def _summarise(config: ZeroSiamConfig, counts: dict, out: Path, trainer=None) -> dict[str, Any]:
     metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m or "entropy" in m]
 
     def first_last(key):
@@ -85,7 +86,7 @@ def _summarise(config: ZeroSiamConfig, counts: dict, out: Path) -> dict[str, Any
 
     h0, h1 = first_last("entropy")
     a0, a1 = first_last("monitor/accuracy")
-    return {
+    summary = {
         "method": config.method,
         "model": config.model,
         "steps": max((m.get("step", 0) for m in metrics), default=0),
@@ -95,7 +96,21 @@ def _summarise(config: ZeroSiamConfig, counts: dict, out: Path) -> dict[str, Any
         "monitor_accuracy_last": a1,
         "prompts": counts,
         "adapter": str(out.resolve()),
+        "guard_events": len(read_jsonl(out / "guard_events.jsonl")),
+        "stopped_by_guard": None,
+        "rollbacks": [],
+        "nonfinite_skipped_steps": getattr(trainer, "nonfinite_total", 0),
     }
+    guard = getattr(trainer, "guard_callback", None)
+    if guard is not None:
+        summary["rollbacks"] = guard.rollbacks
+        if guard.stop_event is not None:
+            healthy = guard.last_healthy()
+            summary["stopped_by_guard"] = {
+                "message": guard.stop_event.message,
+                "adapter_from": str(healthy) if healthy else "the initial adapter (no healthy checkpoint yet)",
+            }
+    return summary
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -109,6 +124,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{fmt(summary['monitor_accuracy_last'])}\n"
         f"  adapter + predictor + card: {summary['adapter']}"
     )
+    if summary.get("guard_events"):
+        print(f"  collapse guard: {summary['guard_events']} event(s), see guard_events.jsonl")
+    if summary.get("stopped_by_guard"):
+        stop = summary["stopped_by_guard"]
+        print(f"  STOPPED: {stop['message']}\n  the saved adapter is the last healthy one: {stop['adapter_from']}")
 
 
 def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
@@ -174,7 +194,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
         trainer.close()
     if trainer.is_world_process_zero():
         trainer.create_model_card()
-        summary = _summarise(config, counts, out)
+        summary = _summarise(config, counts, out, trainer)
         write_summary(out, summary)
         _print_summary(summary)
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-import json
 import os
 import types
 import typing
@@ -145,6 +144,23 @@ class ZeroSiamConfig(DistillationConfig):
         default=None,
         metadata={"help": "Online: run these methods (e.g. none,tent,zerosiam) on the same streams and compare."},
     )
+
+    # ---- monitors and the collapse guard ----
+    guard_rules: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "Collapse-guard rules, e.g. [{metric: zerosiam/entropy_target, below: 0.1, for_steps: 3, action: "
+            "stop}]; actions warn, stop (keep the last healthy adapter), rollback (restore it, lr_factor). "
+            "null = monitor.DEFAULT_GUARD_RULES, [] = off."
+        },
+    )
+    healthy_checkpoints: int = field(
+        default=2, metadata={"help": "Healthy checkpoints kept for stop/rollback, whatever save_total_limit deletes."}
+    )
+    base_nll_every: int = field(
+        default=1, metadata={"help": "Frozen base model's NLL of the rollouts (coherence) every N steps; 0 = never."}
+    )
+    repetition_ngram: int = field(default=4, metadata={"help": "n of the repeated n-gram share monitor."})
 
     # ---- LoRA ----
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -309,6 +325,13 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError(f"num_problems must be > 0 or null, got {self.num_problems}")
         if not self.lora_dropout < 1:
             raise UserInputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        from zerosiam_llm.monitor import parse_guard_rules
+
+        rules = parse_guard_rules(self.guard_rules)  # refused here, before any work starts
+        if any(r.action == "rollback" for r in rules) and (self.deepspeed or self.fsdp):
+            raise UserInputError("guard action rollback needs unsharded weights (single GPU or DDP); use warn or stop")
+        if self.base_nll_every < 0 or self.healthy_checkpoints < 1 or self.repetition_ngram < 1:
+            raise UserInputError("base_nll_every must be >= 0, healthy_checkpoints and repetition_ngram >= 1")
         if self.use_vllm:
             from trl.import_utils import is_vllm_available
 
@@ -455,7 +478,12 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         return value if isinstance(value, str) else str(value)
     if origin is list or tp is list:
         (item_tp,) = typing.get_args(tp) or (str,)
-        if isinstance(value, str):
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = yaml.safe_load(value)  # JSON / YAML flow list, e.g. --guard_rules '[{...}]'
+            except yaml.YAMLError:
+                raise UserInputError(f"{name}: expected a list, got {value!r}") from None
+        elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise UserInputError(f"{name}: expected a list, got {value!r}")
@@ -463,8 +491,8 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
     if origin is dict or tp is dict:
         if isinstance(value, str):
             try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
                 raise UserInputError(f"{name}: expected a mapping (JSON), got {value!r}") from None
         if not isinstance(value, dict):
             raise UserInputError(f"{name}: expected a mapping, got {value!r}")

@@ -14,9 +14,11 @@ DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what Z
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 from zerosiam_llm.config import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, atomic_write_json, read_jsonl
+from zerosiam_llm.monitor import CollapseGuard, answer_dominance, base_model_nll, parse_guard_rules, repetition_stats
 from zerosiam_llm.objectives import zerosiam_loss
 from zerosiam_llm.policy import PREDICTOR_ATTRIBUTE, attach_predictor, causal_lm, get_predictor, lm_head_weight
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
@@ -37,6 +40,9 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
+GUARD_EVENTS_FILE = "guard_events.jsonl"
+GUARD_STATE_FILE = "collapse_guard.json"
+HEALTHY_DIR = "healthy"
 
 
 class ZeroSiamTrainer(DistillationTrainer):
@@ -96,7 +102,13 @@ class ZeroSiamTrainer(DistillationTrainer):
         # the fresh adapter and P = I, restored between online streams (each starts from the base model)
         self._initial_trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.stream_name: str | None = None
+        self.nonfinite_streak = 0  # consecutive skipped (non-finite) updates
+        self.nonfinite_total = 0
         self.add_callback(RunRecordCallback(self))
+        rules = parse_guard_rules(args.guard_rules)
+        self.guard_callback = CollapseGuardCallback(self, rules) if rules else None
+        if self.guard_callback is not None:
+            self.add_callback(self.guard_callback)
 
     # ---------------------------------------------------------------- rollouts
 
@@ -148,6 +160,8 @@ class ZeroSiamTrainer(DistillationTrainer):
             metrics.clear()
         self.train_dataset = train_dataset
         self.args.output_dir = output_dir
+        if self.guard_callback is not None:
+            self.guard_callback.reset()
         if self.use_vllm:
             self._last_loaded_step = -1  # push the reset weights to vLLM before the first prediction
 
@@ -167,7 +181,28 @@ class ZeroSiamTrainer(DistillationTrainer):
         output = super()._generate_and_score_completions(inputs)
         # Monitoring only: decode the finished rollouts; the returned batch is TRL's, untouched.
         self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"])
+        self._record_base_nll(output)
         return output
+
+    def _record_base_nll(self, output) -> None:
+        # coherence: the frozen base model's NLL of the rollouts (adapter disabled, never the predictor); every
+        # process joins the forward pass, the token-weighted mean is gathered
+        every, step = self.args.base_nll_every, self.state.global_step + 1
+        if not every or (step - 1) % every or self.args.method == "none":
+            return
+        mask = output["completion_mask"]
+        head = causal_lm(self.model).get_output_embeddings()
+        nll = base_model_nll(
+            self.accelerator.unwrap_model(self.model), output["prompt_ids"], output["prompt_mask"],
+            output["completion_ids"], mask, token_chunk=self.args.token_chunk_size,
+            vocab_chunk=self.args.vocab_chunk_size, gather=lambda: maybe_gather_lm_head_ctx(head.weight),
+        )  # fmt: skip
+        n = mask.sum().to(torch.float64)
+        local = torch.stack([torch.nan_to_num(torch.tensor(nll, dtype=torch.float64, device=n.device)) * n, n])
+        total = self.accelerator.gather(local[None]).sum(0)
+        if total[1] > 0:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["coherence/base_nll"].append((total[0] / total[1]).item())
 
     @property
     def grader(self):
@@ -182,15 +217,14 @@ class ZeroSiamTrainer(DistillationTrainer):
 
         from zerosiam_llm.grading import extract_answer, has_boxed
 
-        texts = self.processing_class.batch_decode(
-            [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask, strict=True)],
-            skip_special_tokens=True,
-        )
+        ids_list = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
+        texts = self.processing_class.batch_decode(ids_list, skip_special_tokens=True)
         lengths = completion_mask.sum(-1).tolist()
         step = self.state.global_step + 1  # the optimisation step these rollouts train
         rows = []
-        for example, text, length in zip(inputs, texts, lengths, strict=True):
+        for example, ids, text, length in zip(inputs, ids_list, texts, lengths, strict=True):
             extraction = extract_answer(text)
+            rep = repetition_stats(ids, self.args.repetition_ngram)
             rows.append(
                 {
                     "step": step,
@@ -201,10 +235,20 @@ class ZeroSiamTrainer(DistillationTrainer):
                     "answer": extraction.answer,
                     "boxed": has_boxed(text),
                     "gold": example.get("answer"),
+                    "repeated_ngram_share": rep["repeated_ngram_share"],
+                    "longest_repeated_span": int(rep["longest_repeated_span"]),
                 }
             )
         rows = gather_object(rows)
         mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        shares = [r["repeated_ngram_share"] for r in rows]
+        spans = [r["longest_repeated_span"] for r in rows]
+        metrics["monitor/repetition"].append(sum(shares) / len(shares))
+        metrics["monitor/repetition_max"].append(max(shares))
+        metrics["monitor/longest_repeated_span"].append(sum(spans) / len(spans))
+        for name, value in answer_dominance([r["answer"] for r in rows]).items():
+            metrics[f"monitor/{name}"].append(value)
         if self.args.protocol == "online" and mode == "train":
             self._record_predictions(inputs, rows)
             return
@@ -344,18 +388,37 @@ class ZeroSiamTrainer(DistillationTrainer):
         return self.optimizer
 
     def _per_group_norms(self, model, clip: bool) -> float:
+        """Per-group gradient norms (logged), per-group clipping, and skipping of non-finite steps."""
         lora, predictor = self._parameter_groups(model)
         lora = [p for p in lora if p.grad is not None]
         predictor = [p for p in predictor if p.grad is not None]
-        lora_max = self.args.max_grad_norm if clip and self.args.max_grad_norm > 0 else math.inf
-        pred_max = self.args.predictor_max_grad_norm if clip and self.args.predictor_max_grad_norm > 0 else math.inf
-        # the accelerator's clip unscales fp16 gradients once; the second group is clipped directly
-        lora_norm = self.accelerator.clip_grad_norm_(lora, lora_max) if lora else torch.zeros(())
-        pred_norm = torch.nn.utils.clip_grad_norm_(predictor, pred_max) if predictor else torch.zeros(())
-        lora_norm, pred_norm = float(lora_norm), float(pred_norm)
-        self._metrics["train"]["grad_norm/lora"].append(lora_norm)
+        # the accelerator's call unscales fp16 gradients (once); with an infinite max it only measures
+        lora_norm = float(self.accelerator.clip_grad_norm_(lora, math.inf)) if lora else 0.0
+        pred_norm = float(torch.nn.utils.clip_grad_norm_(predictor, math.inf)) if predictor else 0.0
+        metrics = self._metrics["train"]
+        metrics["grad_norm/lora"].append(lora_norm)
         if self.predictor is not None:
-            self._metrics["train"]["grad_norm/predictor"].append(pred_norm)
+            metrics["grad_norm/predictor"].append(pred_norm)
+        if not (math.isfinite(lora_norm) and math.isfinite(pred_norm)):
+            # a non-finite loss or gradient: drop this step's gradients so the optimizer step is a no-op
+            for p in lora + predictor:
+                p.grad = None
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            metrics["train/nonfinite_skipped"].append(1.0)
+            logger.warning("non-finite gradient at step %d: update skipped", self.state.global_step + 1)
+            return float("nan")
+        self.nonfinite_streak = 0
+        metrics["train/nonfinite_skipped"].append(0.0)
+        if clip:
+            for params, norm, max_norm in (
+                (lora, lora_norm, self.args.max_grad_norm),
+                (predictor, pred_norm, self.args.predictor_max_grad_norm),
+            ):
+                if max_norm > 0 and norm > max_norm:
+                    scale = max_norm / (norm + 1e-6)
+                    for p in params:
+                        p.grad.mul_(scale)
         return math.sqrt(lora_norm**2 + pred_norm**2)
 
     def _clip_grad_norm(self, model):
@@ -389,6 +452,9 @@ class ZeroSiamTrainer(DistillationTrainer):
             if not has_predictor(resume_from_checkpoint):
                 raise UserInputError(f"checkpoint {resume_from_checkpoint} has no predictor sidecar to resume from")
             load_predictor_state_(self.predictor, resume_from_checkpoint)
+        guard_state = Path(resume_from_checkpoint) / GUARD_STATE_FILE
+        if self.guard_callback is not None and guard_state.is_file():
+            self.guard_callback.guard.load_state_dict(json.loads(guard_state.read_text(encoding="utf-8")))
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
         if not self.is_world_process_zero():
@@ -414,7 +480,7 @@ class RunRecordCallback(TrainerCallback):
             return
         out = Path(args.output_dir)
         # a resumed run restarts after its checkpoint: drop the lines of steps it will redo
-        for name in (METRICS_FILE, SAMPLES_FILE):
+        for name in (METRICS_FILE, SAMPLES_FILE, GUARD_EVENTS_FILE):
             rows = read_jsonl(out / name)
             kept = [r for r in rows if r.get("step", 0) <= state.global_step]
             if len(kept) != len(rows) or (out / name).exists():
@@ -429,6 +495,121 @@ class RunRecordCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.close()
+
+
+class CollapseGuardCallback(TrainerCallback):
+    """Feeds each logged step to the :class:`CollapseGuard` and acts on its events on every process.
+
+    Healthy checkpoints: the metrics logged at step N describe rollouts made with the weights saved at step N-1, so
+    a checkpoint becomes "healthy" only when the next logged step raises nothing and no rule is mid-streak. The last
+    ``healthy_checkpoints`` of them are copied to ``output_dir/healthy/step-N`` (trainable weights + a normal peft
+    adapter + predictor), independent of ``save_total_limit``. ``stop`` restores the last healthy weights (the run's
+    start if none yet) and ends training; ``rollback`` restores them, clears the optimizer moments, scales the lr by
+    ``lr_factor`` and continues.
+    """
+
+    def __init__(self, trainer: ZeroSiamTrainer, rules) -> None:
+        self.trainer, self.guard = trainer, CollapseGuard(rules)
+        self.stop_event = None
+        self.rollbacks: list[dict] = []
+        self._pending: tuple[Path, dict] | None = None  # the checkpoint (and its weights) awaiting a verdict
+
+    def reset(self) -> None:
+        self.guard.reset()
+        self.guard.last_step = None  # online streams count steps from 1 again
+        self.stop_event, self._pending = None, None
+
+    @property
+    def healthy_root(self) -> Path:
+        return Path(self.trainer.args.output_dir) / HEALTHY_DIR
+
+    def last_healthy(self) -> Path | None:
+        dirs = sorted(self.healthy_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return dirs[-1] if dirs else None
+
+    def _trainable(self):
+        return [(n, p) for n, p in self.trainer.model.named_parameters() if p.requires_grad]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:  # the end-of-training summary line
+            return
+        from accelerate.utils import broadcast_object_list
+
+        trainer = self.trainer
+        # logged monitors are per-process averages: the main process decides, every process acts
+        events = [self.guard.update(state.global_step, logs) if state.is_world_process_zero else None]
+        if trainer.accelerator.num_processes > 1:
+            broadcast_object_list(events)
+        events = events[0] or []
+        for event in events:
+            logger.warning(event.message)
+        if events and state.is_world_process_zero and args.output_dir:
+            append_jsonl(Path(args.output_dir) / GUARD_EVENTS_FILE, [e.to_dict() for e in events])
+        quiet = not events and not any(self.guard.counters.values())
+        if self._pending is not None:
+            if quiet and state.is_world_process_zero:
+                self._promote(*self._pending)
+            self._pending = None
+        stops = [e for e in events if e.action == "stop"]
+        rollbacks = [e for e in events if e.action == "rollback"]
+        if stops:
+            self.stop_event = stops[0]
+            self._restore_last_healthy()
+            control.should_training_stop = True
+        elif rollbacks:
+            factor = min(e.rule.lr_factor or 1.0 for e in rollbacks)
+            source = self._restore_last_healthy()
+            optimizer = trainer.optimizer
+            optimizer.state.clear()  # moments built while collapsing would push straight back
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+            scheduler = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
+            if hasattr(scheduler, "base_lrs"):  # LambdaLR-style schedules recompute the lr from base_lrs
+                scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            self.guard.reset_counters()
+            self.rollbacks.append({"step": state.global_step, "restored": source, "lr_factor": factor})
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            atomic_write_json(folder / GUARD_STATE_FILE, self.guard.state_dict())
+            # the verdict comes at the next logged step, after the next update: keep this step's weights now
+            weights = {n: p.detach().to("cpu", torch.float32, copy=True).contiguous() for n, p in self._trainable()}
+            self._pending = (folder, weights)
+
+    def _promote(self, checkpoint: Path, weights: dict) -> None:
+        from safetensors.torch import save_file
+
+        target = self.healthy_root / f"step-{checkpoint.name.split('-')[-1]}"
+        tmp = self.healthy_root / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in os.listdir(checkpoint) if checkpoint.is_dir() else ():  # the normal adapter + predictor
+            if name.startswith(("adapter_", "zerosiam_predictor")):
+                shutil.copy2(checkpoint / name, tmp / name)
+        save_file(weights, str(tmp / "trainable.safetensors"))  # exact tensors by parameter name, for restoring
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        dirs = sorted(self.healthy_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in dirs[: -self.trainer.args.healthy_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _restore_last_healthy(self) -> str:
+        """Load the last healthy weights into the model (every process); returns where they came from."""
+        from safetensors.torch import load_file
+
+        healthy = self.last_healthy()
+        if healthy is not None:
+            saved, source = load_file(str(healthy / "trainable.safetensors")), str(healthy)
+        else:  # nothing promoted yet: the weights the run started from (fresh adapter, P = I)
+            saved, source = self.trainer._initial_trainable, "the run's initial adapter"
+        with torch.no_grad():
+            for name, param in self._trainable():
+                param.copy_(saved[name].to(param.device, param.dtype))
+        logger.warning("collapse guard: restored weights from %s", source)
+        return source
 
 
 def _check_head_supported(model) -> None:

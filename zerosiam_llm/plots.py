@@ -1,0 +1,191 @@
+"""Collapse curves of one or more runs, from their ``metrics.jsonl``, and a first -> last summary table.
+
+    python -m zerosiam_llm.plots outputs/tent outputs/zerosiam --output curves.png --labels "tent lr 3e-4,zerosiam"
+
+Draws a grid of the signals that tell a healthy adaptation from a collapsing one (``shared/DESIGN.md`` §1): H(p_r)
+and H(p_o), logit norm, repetition, answer dominance, answer rate, base-model NLL, monitor accuracy and predictor
+deviation; runs are overlaid, panels with no data are left out. The Markdown table is printed on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import atomic_path, read_jsonl
+
+METRICS_FILE = "metrics.jsonl"  # the trainer's per-step log (trainer.METRICS_FILE)
+FORMATS = ("png", "pdf", "svg")
+
+# (panel title, [(metric, series name or "" for a single series)])
+PANELS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("entropy (nats)", [("zerosiam/entropy_target", "H(p_r)"), ("zerosiam/entropy_online", "H(p_o)")]),
+    ("logit norm (mean)", [("zerosiam/logit_norm_mean", "")]),
+    ("repeated 4-gram share", [("monitor/repetition", "")]),
+    ("answer dominance", [("monitor/dominance", "")]),
+    ("answer rate", [("completions/answer_rate", "")]),
+    ("base-model NLL (nats/token)", [("coherence/base_nll", "")]),
+    ("monitor accuracy", [("monitor/accuracy", "")]),
+    ("predictor deviation", [("zerosiam/predictor_deviation", "")]),
+]
+LINESTYLES = ("-", "--", ":", "-.")
+SHARES = ("repeated 4-gram share", "answer dominance", "answer rate", "monitor accuracy")  # plotted on [0, 1]
+
+# (column header, metric) of the collapse / drift table
+TABLE_COLUMNS: list[tuple[str, str]] = [
+    ("H(p_r)", "zerosiam/entropy_target"),
+    ("logit norm", "zerosiam/logit_norm_mean"),
+    ("repetition", "monitor/repetition"),
+    ("dominance", "monitor/dominance"),
+    ("answer rate", "completions/answer_rate"),
+    ("base NLL", "coherence/base_nll"),
+    ("accuracy", "monitor/accuracy"),
+    ("predictor dev.", "zerosiam/predictor_deviation"),
+]
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def load_step_lines(run_dir: str | Path) -> list[dict]:
+    """The step lines (those with a ``loss`` key) of a run's ``metrics.jsonl``; one-line errors for bad runs."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserInputError(f"run directory {run_dir} does not exist")
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise UserInputError(f"{run_dir} has no {METRICS_FILE} (not a zerosiam-llm run directory?)")
+    try:
+        rows = read_jsonl(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{path} is not valid JSONL: {err}") from None
+    steps = [r for r in rows if isinstance(r, dict) and "loss" in r]
+    if not steps:
+        raise UserInputError(f"{path} has no step lines yet (lines with a loss)")
+    return steps
+
+
+def series(rows: Sequence[dict], metric: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of one metric, skipping lines where it is missing, None or non-finite."""
+    xs, ys = [], []
+    for i, row in enumerate(rows):
+        value = _number(row.get(metric))
+        if value is not None:
+            xs.append(float(row.get("step", i + 1)))
+            ys.append(value)
+    return xs, ys
+
+
+def _labels(run_dirs: Sequence[Path], labels: Sequence[str] | None) -> list[str]:
+    if labels is not None:
+        if len(labels) != len(run_dirs):
+            raise UserInputError(f"{len(labels)} labels for {len(run_dirs)} runs; give one label per run")
+        return list(labels)
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) < len(names):  # same folder name in different places: add the parent
+        names = [f"{Path(d).resolve().parent.name}/{Path(d).resolve().name}" for d in run_dirs]
+    return names
+
+
+def plot_runs(run_dirs: Sequence[str | Path], output: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Draw the collapse curves of the runs into ``output`` (.png, .pdf or .svg) and return its path."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, Agg canvas on save
+
+    if not run_dirs:
+        raise UserInputError("give at least one run directory")
+    output = Path(output)
+    fmt = output.suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise UserInputError(f"output {output} must end in {', '.join('.' + f for f in FORMATS)}")
+    run_dirs = [Path(d) for d in run_dirs]
+    names = _labels(run_dirs, labels)
+    runs = [load_step_lines(d) for d in run_dirs]
+
+    panels = [
+        (title, metrics)
+        for title, metrics in PANELS
+        if any(series(rows, metric)[0] for rows in runs for metric, _ in metrics)
+    ]
+    if not panels:
+        raise UserInputError("none of the runs logged a metric this plot shows")
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.6 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, (title, metrics) in zip(axes, panels, strict=False):
+        for rows, name, color in zip(runs, names, colors, strict=True):
+            for (metric, part), style in zip(metrics, LINESTYLES, strict=False):
+                xs, ys = series(rows, metric)
+                if xs:
+                    label = f"{name} {part}".strip()
+                    ax.plot(xs, ys, linestyle=style, color=color, marker="o" if len(xs) < 30 else None,
+                            markersize=3, label=label)  # fmt: skip
+        if title in SHARES:
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    with atomic_path(output) as tmp:  # the temporary name has no image suffix: pass the format
+        fig.savefig(tmp, format=fmt, dpi=120)
+    return output
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def collapse_table(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> str:
+    """Markdown table: one row per run, ``first -> last`` of each collapse / drift metric (``-`` when not logged)."""
+    run_dirs = [Path(d) for d in run_dirs]
+    names = _labels(run_dirs, labels)
+    header = ["run", "steps"] + [title for title, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run_dir, name in zip(run_dirs, names, strict=True):
+        rows = load_step_lines(run_dir)
+        cells = [name.replace("|", "\\|"), str(max(int(r.get("step", 0)) for r in rows))]
+        for _, metric in TABLE_COLUMNS:
+            _, ys = series(rows, metric)
+            cells.append(f"{_fmt(ys[0])} -> {_fmt(ys[-1])}" if ys else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, through run_cli
+        raise UserInputError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zerosiam_llm.cli import run_cli
+
+    def _main(args: list[str]) -> int:
+        parser = _Parser(prog="python -m zerosiam_llm.plots", description=__doc__.split("\n\n")[0])
+        parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run output directories")
+        parser.add_argument("--output", type=Path, default=Path("curves.png"), help="image file (.png, .pdf, .svg)")
+        parser.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")
+        ns = parser.parse_args(args)
+        labels = [s.strip() for s in ns.labels.split(",")] if ns.labels is not None else None
+        print(collapse_table(ns.run_dirs, labels), end="")
+        path = plot_runs(ns.run_dirs, ns.output, labels)
+        print(f"curves: {path}")
+        return 0
+
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
