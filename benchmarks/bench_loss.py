@@ -95,7 +95,8 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[variant].append(json.loads(out))
             print(f"round {r + 1} {variant}: {results[variant][-1]['seconds']}", file=sys.stderr)
-    base = statistics.median(t for res in results.get("tent", []) for t in res["seconds"]) if "tent" in results else None
+    tent_times = [t for res in results.get("tent", []) for t in res["seconds"]]
+    base = statistics.median(tent_times) if tent_times else None
     print(f"\nloss step, embedded SmolLM2-135M, LoRA r16 all-linear, fp32, {args.batch} x {args.length} tokens "
           f"({results[next(iter(results))][0]['tokens']} loss positions), {args.rounds} rounds")  # fmt: skip
     print("| variant | median s | min-max s | vs tent | peak RSS GB |")

@@ -80,3 +80,34 @@ def test_non_empty_output_dir_is_refused_and_untouched(capsys, tmp_path, tiny_mo
 def test_help_lists_fields(capsys):
     code, captured = run_inprocess(["--help"], capsys)
     assert code == 0 and "--predictor_lr_ratio" in captured.out
+
+
+@pytest.mark.parametrize("policy", ["skip", "truncate"])
+def test_long_prompts_are_skipped_or_truncated_and_counted(policy, capsys, tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    rows = [{"problem": "What is 2 + 2?"}] * 8 + [{"problem": "apples " * 400 + "how many?"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / policy
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(out), "--max_steps", "1",
+            "--max_prompt_length", "120", "--long_prompt", policy, "--max_completion_length", "8", "--answer_field",
+            "null"]  # fmt: skip
+    code, captured = run_inprocess(argv, capsys)
+    assert code == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    if policy == "skip":
+        assert summary["prompts"] == {"kept": 8, "skipped": 1, "truncated": 0}
+        assert "8 kept, 1 skipped, 0 truncated" in captured.out
+    else:
+        assert summary["prompts"] == {"kept": 9, "skipped": 0, "truncated": 1}
+
+
+def test_torn_checkpoint_is_ignored(tmp_path):
+    from zerosiam_llm.trainer import last_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert last_complete_checkpoint(tmp_path / "missing") is None

@@ -45,7 +45,7 @@ def run_cli(main, argv: list[str] | None) -> int:
 
 def _prepare_output_dir(config: ZeroSiamConfig) -> str | None:
     """Refuse a non-empty output_dir holding something else; return the checkpoint to resume from, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from zerosiam_llm.trainer import last_complete_checkpoint
 
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
@@ -74,7 +74,7 @@ def _prepare_output_dir(config: ZeroSiamConfig) -> str | None:
             f"output_dir {out} holds another run (differs in {', '.join(changed[:6])}); choose another output_dir "
             "or pass --overwrite_output_dir"
         )
-    return get_last_checkpoint(str(out)) if config.resume else None
+    return last_complete_checkpoint(out) if config.resume else None
 
 
 def _summarise(config: ZeroSiamConfig, counts: dict, out: Path, trainer=None) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
 
     from transformers import set_seed
 
-    from zerosiam_llm.data import build_prompt_dataset, load_problems
+    from zerosiam_llm.data import build_prompt_dataset, load_problems, prompt_budget, report_prompt_counts
     from zerosiam_llm.policy import load_model, load_tokenizer, make_lora_config, resolve_model
     from zerosiam_llm.trainer import ZeroSiamTrainer, write_summary
 
@@ -172,16 +172,14 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     )
     set_seed(config.seed)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
-    dataset, counts = build_prompt_dataset(
-        problems, tokenizer, config.instruction, config.instruction_placement, config.max_prompt_length,
-        config.long_prompt,
-    )  # fmt: skip
-    if counts["skipped"] or counts["truncated"]:
-        print(f"prompts: {counts['kept']} kept, {counts['skipped']} skipped, {counts['truncated']} truncated "
-              f"(max_prompt_length={config.max_prompt_length}, long_prompt={config.long_prompt})")  # fmt: skip
     model = load_model(
         source, config.model_dtype, config.trust_remote_code, config.model_revision, config.attn_implementation
     )
+    max_prompt = prompt_budget(config, model)
+    dataset, counts = build_prompt_dataset(
+        problems, tokenizer, config.instruction, config.instruction_placement, max_prompt, config.long_prompt,
+    )  # fmt: skip
+    report_prompt_counts(counts, max_prompt, config.long_prompt)
     lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     trainer = ZeroSiamTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     out = Path(config.output_dir)

@@ -191,3 +191,23 @@ def build_prompt_dataset(
             f"no prompt fits max_prompt_length={max_prompt_length} ({counts['skipped']} skipped); raise it"
         )
     return datasets.Dataset.from_list(rows), counts
+
+
+def prompt_budget(config, model) -> int | None:
+    """max_prompt_length, lowered so that prompt + completion fit the model's context window."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return config.max_prompt_length
+    room = context - config.max_completion_length
+    if room <= 0:
+        raise UserInputError(
+            f"max_completion_length {config.max_completion_length} leaves no room for a prompt in the model's "
+            f"{context}-token context"
+        )
+    return room if config.max_prompt_length is None else min(config.max_prompt_length, room)
+
+
+def report_prompt_counts(counts: dict, max_prompt: int | None, policy: str) -> None:
+    if counts["skipped"] or counts["truncated"]:
+        print(f"prompts: {counts['kept']} kept, {counts['skipped']} skipped, {counts['truncated']} truncated "
+              f"(longer than {max_prompt} tokens; long_prompt: {policy})")  # fmt: skip

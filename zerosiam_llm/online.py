@@ -51,15 +51,15 @@ def stream_accuracy(predictions: list[dict[str, Any]]) -> dict[str, Any]:
 def run_streams(config: ZeroSiamConfig, streams: list[tuple[str, list[dict]]], source, tokenizer) -> dict[str, Any]:
     """Run one method over every stream; returns ``{stream: accuracy dict}`` and writes ``summary.json``."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from zerosiam_llm.data import build_prompt_dataset
+    from zerosiam_llm.data import build_prompt_dataset, prompt_budget, report_prompt_counts
     from zerosiam_llm.policy import load_model, make_lora_config
-    from zerosiam_llm.trainer import ZeroSiamTrainer
+    from zerosiam_llm.trainer import ZeroSiamTrainer, last_complete_checkpoint
 
     root = Path(config.output_dir)
+
     results: dict[str, Any] = {}
-    trainer = None
+    trainer = model = None
     try:
         for name, problems in streams:
             stream_dir = root / name
@@ -67,17 +67,20 @@ def run_streams(config: ZeroSiamConfig, streams: list[tuple[str, list[dict]]], s
             if (stream_dir / STREAM_SUMMARY).is_file():  # finished earlier: never redo a scored stream
                 results[name] = json.loads((stream_dir / STREAM_SUMMARY).read_text())
                 continue
-            dataset, counts = build_prompt_dataset(
-                order_stream(problems, config.stream_seed), tokenizer, config.instruction,
-                config.instruction_placement, config.max_prompt_length, config.long_prompt,
-            )  # fmt: skip
-            set_seed(config.seed)
-            if trainer is None:
-                config.output_dir = str(stream_dir)
+            if model is None:
                 model = load_model(
                     source, config.model_dtype, config.trust_remote_code, config.model_revision,
                     config.attn_implementation,
                 )  # fmt: skip
+            max_prompt = prompt_budget(config, model)
+            dataset, counts = build_prompt_dataset(
+                order_stream(problems, config.stream_seed), tokenizer, config.instruction,
+                config.instruction_placement, max_prompt, config.long_prompt,
+            )  # fmt: skip
+            report_prompt_counts(counts, max_prompt, config.long_prompt)
+            set_seed(config.seed)
+            if trainer is None:
+                config.output_dir = str(stream_dir)
                 lora = make_lora_config(
                     config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
                 )
@@ -87,7 +90,7 @@ def run_streams(config: ZeroSiamConfig, streams: list[tuple[str, list[dict]]], s
             else:
                 trainer.reset_stream(dataset, str(stream_dir))
             trainer.stream_name = name
-            resume = get_last_checkpoint(str(stream_dir)) if stream_dir.is_dir() and config.resume else None
+            resume = last_complete_checkpoint(stream_dir) if config.resume else None
             trainer.train(resume_from_checkpoint=resume)
             if trainer.is_world_process_zero():
                 summary = {"stream": name, "method": config.method, **stream_accuracy(read_jsonl(predictions_path))}

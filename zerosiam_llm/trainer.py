@@ -633,5 +633,23 @@ def _check_head_supported(model) -> None:
         raise UserInputError(f"model {config.model_type} has an LM-head bias; only bias-free heads are supported")
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` that was fully written (HF writes ``trainer_state.json`` last); a checkpoint torn
+    by a kill mid-save is skipped."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    complete = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            complete.append((int(suffix), path))
+        elif suffix.isdigit():
+            logger.warning("ignoring incomplete checkpoint %s (killed while saving)", path)
+    return str(max(complete)[1]) if complete else None
+
+
 def write_summary(output_dir: Path, summary: dict) -> None:
     atomic_write_json(output_dir / "summary.json", summary)
