@@ -89,39 +89,42 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
         # rows: 0 H_o, 1 KL(r||o), 2 KL(o||r), 3 H_r, 4 lse_o, 5 lse_r, 6 ||z_r||^2 (raw logits)
         top1 = torch.zeros(n, dtype=dtype, device=h_online.device)
         inv_t = 1.0 / temperature
+        # the only [tokens, vocab]-shaped memory: 3 reused tiles (2 for Tent), whatever N is
+        rows, cols = min(token_chunk, n), min(vocab_chunk, weight.shape[0])
+        tiles = _tiles(3 if siamese else 2, rows, cols, dtype, h_online.device)
         for start in range(0, n, token_chunk):
             sl = slice(start, start + token_chunk)
             ho = h_online[sl].to(dtype)
             ht = h_target[sl].to(dtype) if siamese else ho
             rows = ho.shape[0]
-            neg_inf = torch.full((rows,), -math.inf, dtype=dtype, device=ho.device)
-            m_o, m_r = neg_inf.clone(), neg_inf.clone()
+            m_o = torch.full((rows,), -math.inf, dtype=dtype, device=ho.device)
+            m_r = m_o.clone()
             zeros = torch.zeros(rows, dtype=dtype, device=ho.device)
             s_o, s_r, ez_o, ez_r, gap_o, gap_r, sq = (zeros.clone() for _ in range(7))
             for w in weight.split(vocab_chunk):
                 w = w.to(dtype)
-                zo = (ho @ w.T).mul_(inv_t)
-                zr = (ht @ w.T).mul_(inv_t) if siamese else zo
-                sq += zr.square().sum(-1)
+                zo = torch.matmul(ho, w.T, out=tiles[0][:rows, : w.shape[0]]).mul_(inv_t)
+                zr = torch.matmul(ht, w.T, out=tiles[1][:rows, : w.shape[0]]).mul_(inv_t) if siamese else zo
+                e = tiles[-1][:rows, : w.shape[0]]
+                sq += _rowdot(zr, zr)
                 # online logsumexp: rescale the running sums whenever the running max grows
-                new_m_o = torch.maximum(m_o, zo.amax(-1))
-                scale_o = torch.exp(m_o - new_m_o)
-                e_o = torch.exp(zo - new_m_o[:, None])
-                s_o = s_o * scale_o + e_o.sum(-1)
-                ez_o = ez_o * scale_o + (e_o * zo).sum(-1)
-                m_o = new_m_o
+                new_m = torch.maximum(m_o, zo.amax(-1))
+                scale = torch.exp(m_o - new_m)
+                torch.sub(zo, new_m[:, None], out=e).exp_()  # e = exp(z_o - m_o)
+                ez_zo = _rowdot(e, zo)
+                s_o = s_o * scale + e.sum(-1)
+                ez_o = ez_o * scale + ez_zo
+                m_o = new_m
                 if siamese:
-                    diff = zo - zr  # z_o - z_r
-                    gap_o = gap_o * scale_o + (e_o * diff).sum(-1)
-                    del e_o
-                    new_m_r = torch.maximum(m_r, zr.amax(-1))
-                    scale_r = torch.exp(m_r - new_m_r)
-                    e_r = torch.exp(zr - new_m_r[:, None])
-                    s_r = s_r * scale_r + e_r.sum(-1)
-                    ez_r = ez_r * scale_r + (e_r * zr).sum(-1)
-                    gap_r = gap_r * scale_r - (e_r * diff).sum(-1)
-                    m_r = new_m_r
-                    del e_r, diff
+                    gap_o = gap_o * scale + ez_zo - _rowdot(e, zr)  # sum e_o (z_o - z_r)
+                    new_m = torch.maximum(m_r, zr.amax(-1))
+                    scale = torch.exp(m_r - new_m)
+                    torch.sub(zr, new_m[:, None], out=e).exp_()  # e = exp(z_r - m_r)
+                    er_zr = _rowdot(e, zr)
+                    s_r = s_r * scale + e.sum(-1)
+                    ez_r = ez_r * scale + er_zr
+                    gap_r = gap_r * scale + er_zr - _rowdot(e, zo)  # sum e_r (z_r - z_o)
+                    m_r = new_m
             lse_o = m_o + s_o.log()
             h_o = lse_o - ez_o / s_o
             if siamese:
@@ -162,6 +165,9 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
         g_kl_or = zeros if g_kl_or is None else g_kl_or.to(dtype)
         # with alpha = 0 the KL outputs are unused: skip the target projection entirely
         need_kl = ctx.siamese and bool(g_kl_ro.any() or g_kl_or.any())
+        n = h_online.shape[0]
+        tiles = _tiles(3 if need_kl else 2, min(ctx.token_chunk, n), min(ctx.vocab_chunk, weight.shape[0]), dtype,
+                       h_online.device)  # fmt: skip
         for start in range(0, h_online.shape[0], ctx.token_chunk):
             sl = slice(start, start + ctx.token_chunk)
             ho = h_online[sl].to(dtype)
@@ -169,20 +175,37 @@ class _ChunkedSiameseEntropy(torch.autograd.Function):
             h_o, kl_or, lse_o, lse_r = saved[0, sl, None], saved[2, sl, None], saved[4, sl, None], saved[5, sl, None]
             gh, gro, gor = g_h[sl, None], g_kl_ro[sl, None], g_kl_or[sl, None]
             acc = grad[sl]
+            rows = ho.shape[0]
+            # per-token coefficients: dL/dz_o = p_o * [(g_or - g_h) log p_o - g_or log p_r + c] - g_ro p_r, with
+            # c = g_ro - g_h H_o - g_or KL(o||r)   (dH/dz = -p(log p + H); dKL(o||r)/dz = p_o(log p_o - log p_r
+            # - KL); dKL(r||o)/dz = p_o - p_r)
+            coef_lpo = gor - gh if need_kl else -gh
+            const = gro - gh * h_o - gor * kl_or if need_kl else -gh * h_o
             for w in weight.split(ctx.vocab_chunk):
                 w = w.to(dtype)
-                log_p_o = (ho @ w.T).mul_(inv_t).sub_(lse_o)
-                p_o = log_p_o.exp()
-                # dH_o/dz_o = -p_o (log p_o + H_o)
-                dz = p_o * (log_p_o + h_o) * (-gh)
+                cols = w.shape[0]
+                lpo = torch.matmul(ho, w.T, out=tiles[0][:rows, :cols]).mul_(inv_t).sub_(lse_o)
+                p_o = torch.exp(lpo, out=tiles[-1][:rows, :cols])
+                dz = lpo.mul_(coef_lpo).add_(const)
                 if need_kl:
-                    log_p_r = (ht @ w.T).mul_(inv_t).sub_(lse_r)
-                    # dKL(o||r)/dz_o = p_o (log p_o - log p_r - KL(o||r));  dKL(r||o)/dz_o = p_o - p_r
-                    dz += gor * p_o * (log_p_o - log_p_r - kl_or)
-                    dz += gro * (p_o - log_p_r.exp())
-                acc += dz @ w
+                    lpr = torch.matmul(ht, w.T, out=tiles[1][:rows, :cols]).mul_(inv_t).sub_(lse_r)
+                    dz.addcmul_(lpr, gor, value=-1.0)
+                    dz.mul_(p_o)
+                    dz.sub_(lpr.exp_().mul_(gro))  # - g_ro p_r
+                else:
+                    dz.mul_(p_o)
+                acc.addmm_(dz, w)
             grad[sl] = acc * inv_t
         return grad.to(h_online.dtype), None, None, None, None, None, None
+
+
+def _tiles(count: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(count)]
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two [rows, cols] tiles without a third tile-sized temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def gather_noop() -> contextlib.AbstractContextManager:

@@ -1,0 +1,105 @@
+"""Peak extra memory of the ZeroSiam loss (forward + backward) vs naive full logits, with a Qwen2.5-0.5B-shaped head.
+
+    python benchmarks/bench_loss_memory.py                        # CPU: N = 1k, 4k, 16k; naive up to 4k
+    python benchmarks/bench_loss_memory.py --device cuda --dtype bfloat16 --naive_max 16384
+
+d = 896, V = 151936 (random weights). "Extra" = peak during the loss minus the memory held before it (hidden
+states, head weight, predictor). CUDA: torch.cuda.max_memory_allocated. CPU: each (variant, N) runs in its own
+process and reports ru_maxrss minus the RSS before the loss, so allocator caching cannot hide a peak.
+One "tile" of logits = token_chunk x vocab_chunk x 4 bytes (fp32): 2048 x 8192 x 4 B = 64 MiB by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+D, V = 896, 151936
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int, vocab_chunk: int) -> dict:
+    import torch
+
+    from zerosiam_llm.objectives import reference_terms, zerosiam_loss
+    from zerosiam_llm.predictor import Predictor
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    weight = (torch.randn(V, D, device=device) * 0.02).to(dt)
+    hidden = torch.randn(1, n, D, device=device).to(dt).requires_grad_(True)
+    mask = torch.ones(1, n, dtype=torch.bool, device=device)
+    predictor = Predictor(D, "full").to(device)
+    with torch.no_grad():
+        predictor.delta.add_(torch.randn_like(predictor.delta) * 1e-3)
+    # warm-up on 8 tokens: first-call kernel workspaces are not the loss's memory
+    small = hidden[:, :8].detach().requires_grad_(True)
+    zerosiam_loss(small, mask[:, :8], weight, predictor).loss.backward()
+    predictor.zero_grad()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _rss_mib()
+    if variant == "fused":
+        loss = zerosiam_loss(hidden, mask, weight, predictor, token_chunk=token_chunk, vocab_chunk=vocab_chunk).loss
+    else:
+        h = hidden[mask]
+        h_o, kl_ro, kl_or, _ = reference_terms(predictor(h), h.float(), weight.float())
+        loss = (h_o + kl_ro + kl_or).mean()
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return {"variant": variant, "n": n, "extra_mib": peak - before, "tile_mib": token_chunk * vocab_chunk * 4 / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "N"), help="measure one point in this process")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--ns", default="1024,4096,16384")
+    parser.add_argument("--naive_max", type=int, default=4096, help="largest N for naive logits (memory!)")
+    parser.add_argument("--token_chunk", type=int, default=2048)
+    parser.add_argument("--vocab_chunk", type=int, default=8192)
+    args = parser.parse_args()
+    if args.one:
+        variant, n = args.one[0], int(args.one[1])
+        print(json.dumps(measure(variant, n, args.device, args.dtype, args.token_chunk, args.vocab_chunk)))
+        return
+    rows = []
+    for n in map(int, args.ns.split(",")):
+        for variant in ("fused", "naive"):
+            if variant == "naive" and n > args.naive_max:
+                rows.append({"variant": variant, "n": n, "extra_mib": None})
+                continue
+            cmd = [sys.executable, __file__, "--one", variant, str(n), "--device", args.device, "--dtype", args.dtype,
+                   "--token_chunk", str(args.token_chunk), "--vocab_chunk", str(args.vocab_chunk)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+            print(rows[-1], file=sys.stderr)
+    tile = args.token_chunk * args.vocab_chunk * 4 / 2**20
+    print(f"\nZeroSiam loss fwd+bwd, head d={D} V={V}, {args.device} {args.dtype}, tile {tile:.0f} MiB")
+    print("| N tokens | fused extra MiB | fused / tile | naive extra MiB |")
+    print("|---|---|---|---|")
+    for n in map(int, args.ns.split(",")):
+        fused = next(r for r in rows if r["n"] == n and r["variant"] == "fused")
+        naive = next(r for r in rows if r["n"] == n and r["variant"] == "naive")
+        nv = f"not run (would need ~{n * V * 4 * 5 / 2**30:.0f} GiB)" if naive["extra_mib"] is None else \
+            f"{naive['extra_mib']:.0f}"  # fmt: skip
+        print(f"| {n} | {fused['extra_mib']:.0f} | {fused['extra_mib'] / tile:.1f} | {nv} |")
+
+
+if __name__ == "__main__":
+    main()
