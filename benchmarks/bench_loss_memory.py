@@ -33,8 +33,9 @@ def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int, voc
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    weight = (torch.randn(V, D, device=device) * 0.02).to(dt)
-    hidden = torch.randn(1, n, D, device=device).to(dt).requires_grad_(True)
+    # built in place: a setup transient would raise the process high-water mark (ru_maxrss) above the loss's
+    weight = torch.randn(V, D, device=device, dtype=dt).mul_(0.02)
+    hidden = torch.randn(1, n, D, device=device, dtype=dt).requires_grad_(True)
     mask = torch.ones(1, n, dtype=torch.bool, device=device)
     predictor = Predictor(D, "full").to(device)
     with torch.no_grad():

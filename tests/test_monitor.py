@@ -178,7 +178,8 @@ def test_default_rules_parse_and_cover_the_design_signals():
     rules = parse_guard_rules(None)
     assert len(rules) == len(DEFAULT_GUARD_RULES) == 5
     assert {r.metric for r in rules} == {
-        "zerosiam/entropy_target", "monitor/repetition", "completions/answer_rate", "coherence/base_nll", "loss",
+        "zerosiam/entropy_target", "monitor/repetition", "completions/answer_rate", "coherence/base_nll",
+        "train/nonfinite_skipped",
     }  # fmt: skip
     assert [r.action for r in rules].count("stop") == 1
     assert parse_guard_rules([]) == []
@@ -264,14 +265,22 @@ def test_above_first_times_is_relative_to_the_first_value():
     assert guard.first_values == {"coherence/base_nll": 0.43}
 
 
-def test_non_finite_loss_stops_at_once():
-    guard = CollapseGuard(parse_guard_rules(None))
+def test_non_finite_loss_rule_stops_at_once():
+    guard = CollapseGuard(parse_guard_rules([{"metric": "loss", "non_finite": True, "action": "stop"}]))
     assert guard.update(1, {"loss": 2.1, "zerosiam/entropy_target": 1.1}) == []
     [event] = guard.update(2, {"loss": float("nan")})
     assert event.action == "stop" and event.rule.metric == "loss" and "non-finite" in event.message
     assert [e.action for e in guard.update(3, {"loss": float("inf")})] == ["stop"]
     assert [e.action for e in guard.update(4, {"loss": None})] == ["stop"]  # TRL logs an all-NaN metric as None
     assert guard.update(5, {"loss": 1.0}) == []
+
+
+def test_default_rules_stop_after_three_skipped_non_finite_steps():
+    guard = CollapseGuard(parse_guard_rules(None))
+    assert guard.update(1, {"train/nonfinite_skipped": 1.0}) == []
+    assert guard.update(2, {"train/nonfinite_skipped": 1.0}) == []
+    [event] = guard.update(3, {"train/nonfinite_skipped": 1.0})
+    assert event.action == "stop" and "non-finite" in event.message
 
 
 def test_default_rules_on_a_collapsing_tent_run():

@@ -141,3 +141,16 @@ def test_bad_online_input(tiny_model_dir, tmp_path, capsys):
     empty.write_text("")
     code = run(online_args(tiny_model_dir, tmp_path / "o", "--dataset", empty))
     assert code == 2 and "is empty" in capsys.readouterr().err
+
+
+def test_benchmark_streams_from_local_files(tiny_model_dir, tmp_path, shared_data):
+    out = tmp_path / "bench"
+    argv = online_args(tiny_model_dir, out, "--benchmarks", "aime24,math500", "--data_dir", shared_data,
+                       "--num_problems", 4, "--stream_batch_size", 2, "--max_completion_length", 6)  # fmt: skip
+    assert run(argv) == 0
+    for stream in ("aime24", "math500"):
+        rows = predictions(out, stream)
+        assert len(rows) == 4 and all(r["gold"] and r["correct"] is not None for r in rows)
+        assert all(r["benchmark"] == stream for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["streams"]) == {"aime24", "math500"}

@@ -76,10 +76,12 @@ def test_method_switch_and_identical_first_update_at_identity(tiny_model_dir, tm
         runs[name] = adapter_state(out)
     assert not (tmp_path / "tent" / "zerosiam_predictor.safetensors").exists()
     assert (tmp_path / "zs0" / "zerosiam_predictor.safetensors").exists()
+    # equal gradients up to fp32 round-off (the Tent and ZeroSiam kernels sum in different orders); Adam's first
+    # step is ~lr * sign(g), so entries with |g| near eps may differ by a small fraction of lr (3e-4)
     for other in ("zs0", "zs1"):
         assert runs["tent"].keys() == runs[other].keys()
         for key in runs["tent"]:
-            torch.testing.assert_close(runs["tent"][key], runs[other][key], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(runs["tent"][key], runs[other][key], rtol=1e-4, atol=3e-6)
     # and the update is real: LoRA B moved off zero
     assert any(v.abs().sum() > 0 for k, v in runs["tent"].items() if "lora_B" in k)
 

@@ -158,7 +158,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
         return 0
     resume_from = _prepare_output_dir(config)
     if config.protocol == "online":
-        return _train_online(config, source)
+        return _train_online(config, source, recipes_dir)
     problems = load_problems(
         config.dataset,
         question_field=config.question_field,
@@ -204,18 +204,26 @@ def _stream_name(dataset: str) -> str:
     return Path(dataset).stem if Path(dataset).suffix else dataset.rstrip("/").split("/")[-1]
 
 
-def _train_online(config: ZeroSiamConfig, source) -> int:
+def _train_online(config: ZeroSiamConfig, source, recipes_dir: Path | None = None) -> int:
     from zerosiam_llm.data import load_problems
     from zerosiam_llm.online import run_streams
     from zerosiam_llm.policy import load_tokenizer
 
     if config.benchmarks:
-        from zerosiam_llm.evaluation import load_benchmark_problems
+        from zerosiam_llm.evaluation import (
+            find_benchmarks_file,
+            load_benchmark_problems,
+            load_benchmarks,
+            select_benchmarks,
+        )
 
-        streams = [
-            (name, load_benchmark_problems(name, config.benchmarks_file, config.data_dir, config.num_problems))
-            for name in config.benchmarks
-        ]
+        default_file = Path(recipes_dir).parent / "evals" / "benchmarks.yaml" if recipes_dir else None
+        path = config.benchmarks_file or (default_file if default_file and default_file.is_file() else None)
+        definitions = load_benchmarks(find_benchmarks_file(path))
+        streams = []
+        for bench in select_benchmarks(",".join(config.benchmarks), definitions):
+            problems, _ = load_benchmark_problems(bench, config.data_dir)
+            streams.append((bench.name, problems[: config.num_problems] if config.num_problems else problems))
     else:
         problems = load_problems(
             config.dataset, question_field=config.question_field, answer_field=config.answer_field,
