@@ -346,6 +346,17 @@ def test_bad_flags(tmp_path, capsys):
 
 
 def test_tiny_model_end_to_end_in_process(tmp_path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add barrier waits on a busy CPU
+    try:
+        _tiny_model_end_to_end(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny_model_end_to_end(tmp_path, capsys):
     data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(3))
     out = tmp_path / "run"
     code, stdout, _ = cli(["--model", run.model, "--benchmarks", "gsm8k", "--data_file", f"gsm8k={data}",
@@ -360,7 +371,7 @@ def test_tiny_model_end_to_end_in_process(tmp_path, capsys):
 
 def _evaluate_cmd(model, data, out):
     return [sys.executable, str(REPO / "evals" / "evaluate.py"), "--model", str(model), "--benchmarks", "gsm8k",
-            "--data_file", f"gsm8k={data}", "--max_new_tokens", "48", "--batch_size", "1", "--dtype", "float32",
+            "--data_file", f"gsm8k={data}", "--max_new_tokens", "32", "--batch_size", "1", "--dtype", "float32",
             "--no_progress", "--grader_workers", "1", "--output_dir", str(out)]  # fmt: skip
 
 
@@ -370,7 +381,7 @@ def test_kill_during_generation_then_rerun_loses_and_duplicates_nothing(tmp_path
     problems = 60
     data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(problems))
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny model: threads only add waits
     proc = subprocess.Popen(_evaluate_cmd(tiny_model_dir, data, killed), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     results = killed / "gsm8k.jsonl"
@@ -406,7 +417,7 @@ def test_must_show_embedded_smollm2_gsm8k_and_no_new_generation_on_rerun(tmp_pat
     """Must-show 4: the documented command on the embedded SmolLM2 (CPU), then the same command again."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "evals" / "evaluate.py"), "--model", "embedded:smollm2-135m", "--benchmarks",
-           "gsm8k", "--data_dir", str(shared_data), "--limit", "8", "--max_new_tokens", "48", "--no_progress",
+           "gsm8k", "--data_dir", str(shared_data), "--limit", "8", "--max_new_tokens", "32", "--no_progress",
            "--output_dir", str(out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -418,7 +429,7 @@ def test_must_show_embedded_smollm2_gsm8k_and_no_new_generation_on_rerun(tmp_pat
                for r in records)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["benchmarks"]["gsm8k"]["n_problems"] == 8 and summary["this_invocation"]["generated"]["gsm8k"] == 8
-    assert "| GSM8K | 8 / 1319 | greedy, n=1, max_new_tokens=48 |" in (out / "summary.md").read_text()
+    assert "| GSM8K | 8 / 1319 | greedy, n=1, max_new_tokens=32 |" in (out / "summary.md").read_text()
 
     before = (out / "gsm8k.jsonl").read_bytes()
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Benchmark",
     "compare_runs",
+    "find_benchmarks_file",
     "format_comparison_md",
     "format_summary_md",
     "grade_records",
@@ -64,6 +65,7 @@ __all__ = [
     "parse_args",
     "read_results",
     "run_evaluation",
+    "select_benchmarks",
     "summarize_benchmark",
 ]
 
