@@ -26,10 +26,12 @@ def main() -> int:
     parser.add_argument("--lrs", default="1e-4,1e-3", help="LoRA learning rates (predictor: 10x)")
     parser.add_argument("--methods", default="tent,zerosiam")
     parser.add_argument("--num_problems", type=int, default=64)
+    parser.add_argument("--skip_training", action="store_true", help="only redo the plot and table of existing runs")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py overrides")
     args = parser.parse_args()
 
     from zerosiam_llm.files import atomic_write_text, read_jsonl
+    from zerosiam_llm.monitor import replay_guard
     from zerosiam_llm.plots import collapse_table, plot_runs
 
     run_dirs, labels, events = [], [], {}
@@ -39,15 +41,24 @@ def main() -> int:
             cmd = [sys.executable, str(REPO / "train.py"), "--recipe", "smollm2-135m-online-cpu", "--method", method,
                    "--learning_rate", lr, "--num_problems", str(args.num_problems), "--output_dir", str(out),
                    *args.extra]  # fmt: skip
-            print("[collapse-study]", " ".join(cmd[1:]), flush=True)
-            subprocess.run(cmd, check=True)
+            if not args.skip_training:
+                print("[collapse-study]", " ".join(cmd[1:]), flush=True)
+                subprocess.run(cmd, check=True)
             stream = out / "arithmetic"
             run_dirs.append(stream)
             labels.append(f"{method} lr {lr}")
-            events[labels[-1]] = [e["message"] for e in read_jsonl(stream / "guard_events.jsonl")]
+            # the default rules over the logged metrics (identical to the live guard's events with those rules)
+            events[labels[-1]] = [e.message for e in replay_guard(read_jsonl(stream / "metrics.jsonl"))]
     png = plot_runs(run_dirs, args.output_dir / "curves.png", labels)
     table = collapse_table(run_dirs, labels)
-    lines = ["# Collapse study (embedded SmolLM2-135M, online protocol, greedy)", "", table, "", "## Guard events", ""]
+    lines = [
+        "# Collapse study (embedded SmolLM2-135M, online protocol, greedy)",
+        "",
+        table,
+        "",
+        "## Guard events (default rules)",
+        "",
+    ]
     for label, messages in events.items():
         lines.append(f"- **{label}**: " + ("; ".join(messages) if messages else "none"))
     atomic_write_text(args.output_dir / "collapse_table.md", "\n".join(lines) + "\n")

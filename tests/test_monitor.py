@@ -176,10 +176,10 @@ def test_base_model_nll_is_the_frozen_base_models_cross_entropy(lora_batch):
 
 def test_default_rules_parse_and_cover_the_design_signals():
     rules = parse_guard_rules(None)
-    assert len(rules) == len(DEFAULT_GUARD_RULES) == 5
+    assert len(rules) == len(DEFAULT_GUARD_RULES) == 7
     assert {r.metric for r in rules} == {
         "zerosiam/entropy_target", "monitor/repetition", "completions/answer_rate", "coherence/base_nll",
-        "train/nonfinite_skipped",
+        "train/nonfinite_skipped", "zerosiam/logit_norm_mean", "zerosiam/top1_above_099",
     }  # fmt: skip
     assert [r.action for r in rules].count("stop") == 1
     assert parse_guard_rules([]) == []

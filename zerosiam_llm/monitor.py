@@ -365,6 +365,20 @@ DEFAULT_GUARD_RULES: list[dict[str, Any]] = [
         "note": "completions drift away from what the base model finds plausible",
     },
     {
+        "metric": "zerosiam/logit_norm_mean",
+        "above_first_times": 1.5,
+        "for_steps": 1,
+        "action": "warn",
+        "note": "logit inflation, the cheap route to low entropy (both lr 1e-3 runs of scripts/collapse_study.py)",
+    },
+    {
+        "metric": "zerosiam/top1_above_099",
+        "above": 0.5,
+        "for_steps": 1,
+        "action": "warn",
+        "note": "over half the tokens predicted with p > 0.99: one dominant token",
+    },
+    {
         "metric": "train/nonfinite_skipped",
         "above": 0.5,
         "for_steps": 3,
@@ -609,3 +623,16 @@ class CollapseGuard:
         self.counters = {rule.key: int(counters.get(rule.key, 0)) for rule in self.rules}
         self.first_values = {k: float(v) for k, v in state.get("first_values", {}).items()}
         self.last_step = state.get("last_step")
+
+
+def replay_guard(
+    metric_rows: Sequence[Mapping[str, Any]], rules: Sequence[GuardRule] | None = None
+) -> list[GuardEvent]:
+    """The events a guard with ``rules`` raises over a run's logged step lines (``metrics.jsonl`` rows with a
+    ``loss``): the guard only reads logged metrics, so a replay equals what it would have done live."""
+    guard = CollapseGuard(rules)
+    events: list[GuardEvent] = []
+    for row in metric_rows:
+        if "loss" in row and "step" in row:
+            events.extend(guard.update(int(row["step"]), row))
+    return events
