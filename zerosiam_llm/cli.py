@@ -144,7 +144,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
 
     from transformers import set_seed
 
-    from zerosiam_llm.data import build_prompt_dataset, load_problems, prompt_budget, report_prompt_counts
+    from zerosiam_llm.data import build_prompt_dataset, prompt_budget, report_prompt_counts
     from zerosiam_llm.policy import load_model, load_tokenizer, make_lora_config, resolve_model
     from zerosiam_llm.trainer import ZeroSiamTrainer, write_summary
 
@@ -159,17 +159,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     resume_from = _prepare_output_dir(config)
     if config.protocol == "online":
         return _train_online(config, source, recipes_dir)
-    problems = load_problems(
-        config.dataset,
-        question_field=config.question_field,
-        answer_field=config.answer_field,
-        id_field=config.id_field,
-        split=config.dataset_split,
-        config_name=config.dataset_config,
-        limit=config.num_problems,
-        seed=config.data_seed if config.data_seed is not None else config.seed,
-        answer_style=config.answer_style,
-    )
+    problems = _config_problems(config)
     set_seed(config.seed)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     model = load_model(
@@ -184,7 +174,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     trainer = ZeroSiamTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
-        atomic_write_text(out / RESOLVED_CONFIG, yaml.safe_dump(config.resolved_dict(), sort_keys=True))
+        _write_resolved_config(config)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.save_model(config.output_dir)  # adapter + predictor sidecar (+ Hub push when push_to_hub)
@@ -198,6 +188,29 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     return 0
 
 
+def _config_problems(config: ZeroSiamConfig) -> list[dict[str, Any]]:
+    """The problems the recipe's data fields describe (``dataset``, fields, split, limit, seed)."""
+    from zerosiam_llm.data import load_problems
+
+    return load_problems(
+        config.dataset,
+        question_field=config.question_field,
+        answer_field=config.answer_field,
+        id_field=config.id_field,
+        split=config.dataset_split,
+        config_name=config.dataset_config,
+        limit=config.num_problems,
+        seed=config.data_seed if config.data_seed is not None else config.seed,
+        answer_style=config.answer_style,
+    )
+
+
+def _write_resolved_config(config: ZeroSiamConfig) -> None:
+    atomic_write_text(
+        Path(config.output_dir) / RESOLVED_CONFIG, yaml.safe_dump(config.resolved_dict(), sort_keys=True)
+    )
+
+
 def _stream_name(dataset: str) -> str:
     if dataset.startswith("generated:"):
         return dataset.split(":", 1)[1]
@@ -205,7 +218,6 @@ def _stream_name(dataset: str) -> str:
 
 
 def _train_online(config: ZeroSiamConfig, source, recipes_dir: Path | None = None) -> int:
-    from zerosiam_llm.data import load_problems
     from zerosiam_llm.online import run_streams
     from zerosiam_llm.policy import load_tokenizer
 
@@ -225,20 +237,13 @@ def _train_online(config: ZeroSiamConfig, source, recipes_dir: Path | None = Non
             problems, _ = load_benchmark_problems(bench, config.data_dir)
             streams.append((bench.name, problems[: config.num_problems] if config.num_problems else problems))
     else:
-        problems = load_problems(
-            config.dataset, question_field=config.question_field, answer_field=config.answer_field,
-            id_field=config.id_field, split=config.dataset_split, config_name=config.dataset_config,
-            limit=config.num_problems, seed=config.data_seed if config.data_seed is not None else config.seed,
-            answer_style=config.answer_style,
-        )  # fmt: skip
-        streams = [(_stream_name(config.dataset), problems)]
+        streams = [(_stream_name(config.dataset), _config_problems(config))]
     for name, problems in streams:
         if not problems:
             raise UserInputError(f"stream {name} has no problems")
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / RESOLVED_CONFIG, yaml.safe_dump(config.resolved_dict(), sort_keys=True))
+    _write_resolved_config(config)
     results = run_streams(config, streams, source, tokenizer)
     for name, r in results.items():
         acc = (

@@ -20,14 +20,14 @@ import yaml
 from trl import DistillationConfig
 
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.grading import GOLD_STYLES
+from zerosiam_llm.predictor import PREDICTOR_FORMS
+from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
 
 METHODS = ("zerosiam", "tent", "none")
-PREDICTOR_FORMS = ("full", "lora")
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
-INSTRUCTION_PLACEMENTS = ("system", "user")
 LONG_PROMPT_POLICIES = ("skip", "truncate")
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 GENERATED_DATASET = "generated:arithmetic"
 # fields that exist in TrainingArguments / DistillationConfig but mean nothing here: refused if set in a recipe
 UNSUPPORTED_FIELDS = ("teacher_model_name_or_path", "teacher_model_revision", "teacher_model_init_kwargs", "beta")
@@ -290,7 +290,7 @@ class ZeroSiamConfig(DistillationConfig):
             "optimizer": OPTIMIZERS,
             "instruction_placement": INSTRUCTION_PLACEMENTS,
             "long_prompt": LONG_PROMPT_POLICIES,
-            "answer_style": ("plain", "boxed", "gsm8k"),
+            "answer_style": GOLD_STYLES,
             "model_dtype": ("float32", "bfloat16", "float16"),
         }
         for name, allowed in choices.items():
@@ -309,8 +309,6 @@ class ZeroSiamConfig(DistillationConfig):
                 raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.predictor_learning_rate is not None and self.predictor_learning_rate < 0:
             raise UserInputError(f"predictor_learning_rate must be >= 0, got {self.predictor_learning_rate}")
-        if self.method == "zerosiam" and self.alpha == 0:
-            pass  # allowed: a predictor with no alignment term (ablation); equals Tent's LoRA update
         if self.stream_batch_size is not None and self.stream_batch_size < 1:
             raise UserInputError(f"stream_batch_size must be >= 1, got {self.stream_batch_size}")
         if self.method == "none" and self.protocol != "online":
@@ -340,9 +338,9 @@ class ZeroSiamConfig(DistillationConfig):
                     "use_vllm: true needs vLLM, which is not installed: pip install 'zerosiam-llm[vllm]' (the vllm "
                     "extra; GPU only), or set use_vllm: false"
                 )
+        defaults = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}
         for name in UNSUPPORTED_FIELDS:
-            default = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}.get(name)
-            if getattr(self, name) != default:
+            if getattr(self, name) != defaults.get(name):
                 raise UserInputError(f"{name} is a distillation setting and has no meaning here; remove it")
 
     def resolved_dict(self) -> dict[str, Any]:

@@ -133,5 +133,6 @@ def load_predictor_state_(predictor: Predictor, directory: str | os.PathLike) ->
         raise UserInputError(
             f"the predictor in {directory} is {loaded.config()}, but this run uses {predictor.config()}"
         )
+    saved = dict(loaded.named_parameters())
     for name, param in predictor.named_parameters():
-        param.copy_(dict(loaded.named_parameters())[name].to(param.device))
+        param.copy_(saved[name].to(param.device))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+INSTRUCTION_PLACEMENTS = ("system", "user")
 
 
 def build_messages(question: str, instruction: str = DEFAULT_INSTRUCTION, placement: str = "user") -> list[dict]:

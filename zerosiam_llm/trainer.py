@@ -29,7 +29,7 @@ from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
 from zerosiam_llm.config import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.files import append_jsonl, atomic_write_json, read_jsonl
+from zerosiam_llm.files import append_jsonl, atomic_path, atomic_write_json, read_jsonl
 from zerosiam_llm.monitor import CollapseGuard, answer_dominance, base_model_nll, parse_guard_rules, repetition_stats
 from zerosiam_llm.objectives import zerosiam_loss
 from zerosiam_llm.policy import PREDICTOR_ATTRIBUTE, attach_predictor, causal_lm, get_predictor, lm_head_weight
@@ -102,6 +102,7 @@ class ZeroSiamTrainer(DistillationTrainer):
         # the fresh adapter and P = I, restored between online streams (each starts from the base model)
         self._initial_trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.stream_name: str | None = None
+        self._recorded_ids: set[str] | None = None  # problem ids already in this stream's predictions.jsonl
         self.nonfinite_streak = 0  # consecutive skipped (non-finite) updates
         self.nonfinite_total = 0
         self.add_callback(RunRecordCallback(self))
@@ -160,6 +161,7 @@ class ZeroSiamTrainer(DistillationTrainer):
             metrics.clear()
         self.train_dataset = train_dataset
         self.args.output_dir = output_dir
+        self._recorded_ids = None
         if self.guard_callback is not None:
             self.guard_callback.reset()
         if self.use_vllm:
@@ -249,11 +251,10 @@ class ZeroSiamTrainer(DistillationTrainer):
         metrics["monitor/longest_repeated_span"].append(sum(spans) / len(spans))
         for name, value in answer_dominance([r["answer"] for r in rows]).items():
             metrics[f"monitor/{name}"].append(value)
+        metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
         if self.args.protocol == "online" and mode == "train":
             self._record_predictions(inputs, rows)
             return
-        metrics = self._metrics[mode]
-        metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
         metrics["completions/boxed_rate"].append(sum(r["boxed"] for r in rows) / len(rows))
         graded = [r for r in rows if r["gold"] is not None]
         if graded and (step - 1) % self.args.monitor_every == 0 and self.accelerator.is_main_process:
@@ -276,7 +277,9 @@ class ZeroSiamTrainer(DistillationTrainer):
 
         k = self.args.num_rollouts
         path = Path(self.args.output_dir) / PREDICTIONS_FILE
-        done = {r["id"] for r in read_jsonl(path)}  # a resumed stream re-predicts a batch: keep the first record
+        if self._recorded_ids is None:  # read once per stream; a resumed stream re-predicts a batch: keep the first
+            self._recorded_ids = {r["id"] for r in read_jsonl(path)}
+        done = self._recorded_ids
         groups = [rows[i : i + k] for i in range(0, len(rows), k)]
         examples = inputs[::k]
         golds = [g[0]["gold"] for g in groups]
@@ -309,10 +312,9 @@ class ZeroSiamTrainer(DistillationTrainer):
                 line["answers"] = [r["answer"] for r in group]
             lines.append(line)
         append_jsonl(path, lines)
-        metrics = self._metrics["train"]
-        metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
+        done.update(line["id"] for line in lines)
         if correct:
-            metrics["monitor/accuracy"].append(sum(correct.values()) / len(correct))
+            self._metrics["train"]["monitor/accuracy"].append(sum(correct.values()) / len(correct))
 
     # ---------------------------------------------------------------- loss
 
@@ -479,15 +481,14 @@ class RunRecordCallback(TrainerCallback):
         if not state.is_world_process_zero or not args.output_dir:
             return
         out = Path(args.output_dir)
-        # a resumed run restarts after its checkpoint: drop the lines of steps it will redo
+        # a resumed run restarts after its checkpoint: drop the lines of steps it will redo, and a torn last line
+        # (killed mid-write) that later appends would otherwise glue onto
         for name in (METRICS_FILE, SAMPLES_FILE, GUARD_EVENTS_FILE):
-            rows = read_jsonl(out / name)
-            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-            if len(kept) != len(rows) or (out / name).exists():
-                tmp = out / f".{name}.rewrite"
-                tmp.unlink(missing_ok=True)
+            if not (out / name).exists():
+                continue
+            kept = [r for r in read_jsonl(out / name) if r.get("step", 0) <= state.global_step]
+            with atomic_path(out / name) as tmp:
                 append_jsonl(tmp, kept) if kept else tmp.touch()
-                os.replace(tmp, out / name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and args.output_dir and logs:
