@@ -6,7 +6,11 @@
 d = 896, V = 151936 (random weights). "Extra" = peak during the loss minus the memory held before it (hidden
 states, head weight, predictor). CUDA: torch.cuda.max_memory_allocated. CPU: each (variant, N) runs in its own
 process and reports ru_maxrss minus the RSS before the loss, so allocator caching cannot hide a peak.
-One "tile" of logits = token_chunk x vocab_chunk x 4 bytes (fp32): 2048 x 8192 x 4 B = 64 MiB by default.
+
+Variants: fused (objectives.zerosiam_loss), naive (full [N, V] logits, objectives.reference_terms) and floor: the
+same predictor and backward with a loss that is linear in P(h), i.e. the O(N x d) memory any loss over these hidden
+states needs (P(h), the gradients of P(h) and of the hidden states). fused - floor is the loss's logits memory.
+One chunk of logits = token_chunk x V x 4 bytes (fp32); token_chunk defaults to the loss's own choice (128 MiB).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import subprocess
 import sys
 
 D, V = 896, 151936
+VARIANTS = ("fused", "floor", "naive")
 
 
 def _rss_mib() -> float:
@@ -25,7 +30,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int, vocab_chunk: int) -> dict:
+def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int | None) -> dict:
     import torch
 
     from zerosiam_llm.objectives import reference_terms, zerosiam_loss
@@ -51,7 +56,9 @@ def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int, voc
     else:
         before = _rss_mib()
     if variant == "fused":
-        loss = zerosiam_loss(hidden, mask, weight, predictor, token_chunk=token_chunk, vocab_chunk=vocab_chunk).loss
+        loss = zerosiam_loss(hidden, mask, weight, predictor, token_chunk=token_chunk).loss
+    elif variant == "floor":
+        loss = (predictor(hidden[mask]) * weight[0].float()).sum()
     else:
         h = hidden[mask]
         h_o, kl_ro, kl_or, _ = reference_terms(predictor(h), h.float(), weight.float())
@@ -62,7 +69,14 @@ def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int, voc
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    return {"variant": variant, "n": n, "extra_mib": peak - before, "tile_mib": token_chunk * vocab_chunk * 4 / 2**20}
+    return {"variant": variant, "n": n, "extra_mib": peak - before}
+
+
+def chunk_mib(token_chunk: int | None) -> float:
+    from zerosiam_llm import objectives
+
+    rows = token_chunk or objectives._TILE_BYTES // (V * 4)
+    return rows * V * 4 / 2**20
 
 
 def main() -> None:
@@ -72,35 +86,34 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--ns", default="1024,4096,16384")
     parser.add_argument("--naive_max", type=int, default=4096, help="largest N for naive logits (memory!)")
-    parser.add_argument("--token_chunk", type=int, default=2048)
-    parser.add_argument("--vocab_chunk", type=int, default=8192)
+    parser.add_argument("--token_chunk", type=int, default=None, help="tokens per loss chunk (default: the loss's)")
     args = parser.parse_args()
     if args.one:
         variant, n = args.one[0], int(args.one[1])
-        print(json.dumps(measure(variant, n, args.device, args.dtype, args.token_chunk, args.vocab_chunk)))
+        print(json.dumps(measure(variant, n, args.device, args.dtype, args.token_chunk)))
         return
     rows = []
     for n in map(int, args.ns.split(",")):
-        for variant in ("fused", "naive"):
+        for variant in VARIANTS:
             if variant == "naive" and n > args.naive_max:
                 rows.append({"variant": variant, "n": n, "extra_mib": None})
                 continue
-            cmd = [sys.executable, __file__, "--one", variant, str(n), "--device", args.device, "--dtype", args.dtype,
-                   "--token_chunk", str(args.token_chunk), "--vocab_chunk", str(args.vocab_chunk)]  # fmt: skip
+            cmd = [sys.executable, __file__, "--one", variant, str(n), "--device", args.device, "--dtype", args.dtype]
+            if args.token_chunk:
+                cmd += ["--token_chunk", str(args.token_chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             rows.append(json.loads(out))
             print(rows[-1], file=sys.stderr)
-    tile = args.token_chunk * args.vocab_chunk * 4 / 2**20
-    print(f"\nZeroSiam loss fwd+bwd, head d={D} V={V}, {args.device} {args.dtype}, tile {tile:.0f} MiB")
-    print("| N tokens | fused extra MiB | fused / tile | naive extra MiB |")
-    print("|---|---|---|---|")
+    chunk = chunk_mib(args.token_chunk)
+    print(f"\nZeroSiam loss fwd+bwd, head d={D} V={V}, {args.device} {args.dtype}, one logits chunk {chunk:.0f} MiB")
+    print("| N tokens | fused extra MiB | floor (O(N d)) MiB | fused - floor, in chunks | naive extra MiB |")
+    print("|---|---|---|---|---|")
     for n in map(int, args.ns.split(",")):
-        fused = next(r for r in rows if r["n"] == n and r["variant"] == "fused")
-        naive = next(r for r in rows if r["n"] == n and r["variant"] == "naive")
+        fused, floor, naive = (next(r for r in rows if r["n"] == n and r["variant"] == v) for v in VARIANTS)
         nv = f"not run (would need ~{n * V * 4 * 5 / 2**30:.0f} GiB)" if naive["extra_mib"] is None else \
             f"{naive['extra_mib']:.0f}"  # fmt: skip
-        print(f"| {n} | {fused['extra_mib']:.0f} | {fused['extra_mib'] / tile:.1f} | {nv} |")
-
+        logits = (fused["extra_mib"] - floor["extra_mib"]) / chunk
+        print(f"| {n} | {fused['extra_mib']:.0f} | {floor['extra_mib']:.0f} | {logits:.2f} | {nv} |")
 
 if __name__ == "__main__":
     main()

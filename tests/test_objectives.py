@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from zerosiam_llm import objectives
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.objectives import reference_terms, siamese_entropy_terms, tent_loss, zerosiam_loss
+from zerosiam_llm.objectives import reference_terms, siamese_entropy, tent_loss, zerosiam_loss
 from zerosiam_llm.predictor import Predictor
 
 D, V = 24, 101  # V not a multiple of the chunk: the last vocab tile is ragged
@@ -39,13 +40,16 @@ def _reference_loss(hidden, mask, weight, predictor, alpha, temperature):
 
 @pytest.mark.parametrize("form", ["full", "lora"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_float64_full_logits_reference(form, dtype):
+@pytest.mark.parametrize("block_rows", [2, None])
+def test_matches_float64_full_logits_reference(form, dtype, block_rows, monkeypatch):
     """Loss and gradients w.r.t. hidden states and predictor match full logits in float64 (rel 1e-5)."""
+    if block_rows:  # several (ragged) row blocks per token chunk, as with a real vocabulary
+        monkeypatch.setattr(objectives, "_CPU_BLOCK_BYTES", block_rows * V * dtype.itemsize)
     hidden, weight, mask = _inputs(dtype=dtype)
     temperature, alpha = 0.7, 1.0
     pred = _random_predictor(form, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     h = hidden.clone().requires_grad_(True)
-    out = zerosiam_loss(h, mask, weight, pred, alpha, temperature, vocab_chunk=32, token_chunk=5)
+    out = zerosiam_loss(h, mask, weight, pred, alpha, temperature, token_chunk=5)
     out.loss.backward()
     grads = [h.grad.clone()] + [p.grad.clone() for p in pred.parameters()]
 
@@ -65,22 +69,28 @@ def test_matches_float64_full_logits_reference(form, dtype):
     assert out.kl_target_online > 0 and out.num_tokens == int(mask.sum())
 
 
-def test_per_token_terms_each_match_reference():
+@pytest.mark.parametrize("token_chunk", [4, None])
+def test_per_token_terms_and_each_term_gradient_match_reference(token_chunk):
+    """Every statistic, and the gradient of any weighting of the three terms (each term alone included)."""
     hidden, weight, mask = _inputs(seed=3, dtype=torch.float64)
     h = hidden[mask]
     h_o = (h + 0.3 * torch.randn_like(h)).requires_grad_(True)
-    terms = siamese_entropy_terms(h_o, h, weight, 1.3, vocab_chunk=16, token_chunk=4)
     ref = reference_terms(h_o, h, weight, 1.3)
-    for got, want in zip((terms[0], terms[1], terms[2], terms[3][0]), ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    # each term's gradient separately (a weighted sum exercises every upstream gradient slot)
-    coeffs = torch.tensor([0.3, -1.1, 2.0], dtype=torch.float64)
-    (coeffs[0] * terms[0].sum() + coeffs[1] * terms[1].sum() + coeffs[2] * terms[2].sum()).backward()
-    g_fused = h_o.grad.clone()
-    h_o.grad = None
-    ref = reference_terms(h_o, h, weight, 1.3)
-    (coeffs[0] * ref[0].sum() + coeffs[1] * ref[1].sum() + coeffs[2] * ref[2].sum()).backward()
-    torch.testing.assert_close(g_fused, h_o.grad, rtol=1e-9, atol=1e-12)
+    for weights in [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, -1.1, 2.0), (1.0, 1.0, 1.0)]:
+        h_o.grad = None
+        total, stats = siamese_entropy(h_o, h, weight, weights, 1.3, token_chunk=token_chunk)
+        for got, want in zip((stats[0], stats[1], stats[2], stats[3]), ref, strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+        want_total = sum(w * term.sum() for w, term in zip(weights, ref[:3], strict=True))
+        torch.testing.assert_close(total, want_total.detach(), rtol=1e-10, atol=1e-12)
+        total.backward()
+        g_fused = h_o.grad.clone()
+        h_o.grad = None
+        want_total.backward(retain_graph=True)
+        torch.testing.assert_close(g_fused, h_o.grad, rtol=1e-9, atol=1e-12)
+    z = h @ weight.T
+    torch.testing.assert_close(stats[4], z.pow(2).sum(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(stats[5], (z / 1.3).softmax(-1).amax(-1), rtol=1e-10, atol=0)
 
 
 def test_gradcheck_fused_function():
@@ -89,10 +99,24 @@ def test_gradcheck_fused_function():
     h_o = (h + 0.1).requires_grad_(True)
 
     def f(x):
-        a, b, c, _, _ = siamese_entropy_terms(x, h, weight, 0.9, vocab_chunk=40, token_chunk=3)
-        return a + 0.5 * b + 2 * c
+        return siamese_entropy(x, h, weight, (1.0, 0.5, 2.0), 0.9, token_chunk=3)[0]
 
     assert torch.autograd.gradcheck(f, (h_o,), eps=1e-6, atol=1e-6)
+
+
+def test_no_gradient_work_without_grad_and_upstream_scale_applies():
+    hidden, weight, mask = _inputs(seed=6, dtype=torch.float64)
+    h = hidden[mask]
+    h_o = (h + 0.2).requires_grad_(True)
+    with torch.no_grad():
+        total, _ = siamese_entropy(h_o, h, weight)
+    assert not total.requires_grad
+    total, _ = siamese_entropy(h_o, h, weight)
+    (3.5 * total).backward()
+    g = h_o.grad.clone()
+    h_o.grad = None
+    siamese_entropy(h_o, h, weight)[0].backward()
+    torch.testing.assert_close(g, 3.5 * h_o.grad)
 
 
 @pytest.mark.parametrize("form", ["full", "lora"])
@@ -100,10 +124,10 @@ def test_identity_at_init_alignment_zero_and_gradient_equals_tent(form):
     hidden, weight, mask = _inputs(seed=7)
     pred = Predictor(D, form, rank=4, seed=0)
     h1 = hidden.clone().requires_grad_(True)
-    zs = zerosiam_loss(h1, mask, weight, pred, alpha=1.0, vocab_chunk=32)
+    zs = zerosiam_loss(h1, mask, weight, pred, alpha=1.0, token_chunk=4)
     zs.loss.backward()
     h2 = hidden.clone().requires_grad_(True)
-    tent = tent_loss(h2, mask, weight, vocab_chunk=32)
+    tent = tent_loss(h2, mask, weight, token_chunk=4)
     tent.loss.backward()
     assert torch.equal(pred(hidden[mask]), hidden[mask].float())  # z_o == z_r exactly
     assert zs.kl_target_online == 0.0 and zs.kl_online_target == 0.0
@@ -145,7 +169,7 @@ def test_head_must_be_frozen_and_positions_outside_mask_get_zero():
 
 def test_statistics_match_reference():
     hidden, weight, mask = _inputs(seed=4, dtype=torch.float64)
-    out = tent_loss(hidden, mask, weight, temperature=2.0, vocab_chunk=10)
+    out = tent_loss(hidden, mask, weight, temperature=2.0, token_chunk=3)
     z = hidden[mask] @ weight.T
     assert out.logit_norm_mean == pytest.approx(z.norm(dim=-1).mean().item(), rel=1e-9)
     assert out.logit_norm_max == pytest.approx(z.norm(dim=-1).max().item(), rel=1e-9)
@@ -157,10 +181,17 @@ def test_statistics_match_reference():
 
 def test_bf16_hidden_states_use_fp32_math():
     hidden, weight, mask = _inputs(seed=8)
-    out = tent_loss(hidden.bfloat16(), mask, weight.bfloat16())
-    ref = tent_loss(hidden.bfloat16().float(), mask, weight.bfloat16().float())
-    assert out.loss.dtype == torch.float32
+    pred = _random_predictor("lora")
+    h = hidden.bfloat16().requires_grad_(True)
+    # a bf16 head is cast one (ragged) vocabulary slice at a time, in forward and in the gradient
+    out = zerosiam_loss(h, mask, weight.bfloat16(), pred, vocab_chunk=32, token_chunk=5)
+    out.loss.backward()
+    h_ref = hidden.bfloat16().float().requires_grad_(True)
+    ref = zerosiam_loss(h_ref, mask, weight.bfloat16().float(), pred)
+    ref.loss.backward()
+    assert out.loss.dtype == torch.float32 and h.grad.dtype == torch.bfloat16
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+    torch.testing.assert_close(h.grad.float(), h_ref.grad.bfloat16().float())
 
 
 def test_num_items_divisor():

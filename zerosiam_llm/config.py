@@ -110,10 +110,17 @@ class ZeroSiamConfig(DistillationConfig):
     loss_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the loss softmax (not the sampling temperature). > 0."}
     )
-    vocab_chunk_size: int = field(
-        default=8192, metadata={"help": "Vocabulary tile of the chunked loss (memory ~ token_chunk x vocab_chunk)."}
+    token_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per loss chunk: the loss holds 2 fp32 [chunk, vocab] logit tiles (Tent 1), whatever the "
+            "sequence length. None = as many tokens as fit 128 MiB per tile (e.g. 682 at V = 49152)."
+        },
     )
-    token_chunk_size: int = field(default=2048, metadata={"help": "Token tile of the chunked loss."})
+    vocab_chunk_size: int = field(
+        default=8192,
+        metadata={"help": "Vocabulary slice in which a head that is not fp32 is cast to fp32 inside the loss."},
+    )
     num_rollouts: int = field(
         default=1, metadata={"help": "k: rollouts sampled per prompt (offline protocol). Each is trained on."}
     )
@@ -296,9 +303,11 @@ class ZeroSiamConfig(DistillationConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
-        positive = ["loss_temperature", "vocab_chunk_size", "token_chunk_size", "lora_r", "monitor_every"]
+        positive = ["loss_temperature", "vocab_chunk_size", "lora_r", "monitor_every"]
         positive += ["num_rollouts", "per_device_train_batch_size", "predictor_rank", "predictor_lr_ratio"]
         positive += ["steps_per_batch"]
+        if self.token_chunk_size is not None:
+            positive.append("token_chunk_size")
         for name in positive:
             if getattr(self, name) is None or getattr(self, name) <= 0:
                 raise UserInputError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -30,6 +30,7 @@ import torch
 
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.grading import extract_answer, has_boxed, majority_answer, normalize_answer
+from zerosiam_llm.objectives import DEFAULT_VOCAB_CHUNK, siamese_entropy
 
 __all__ = [
     "DEFAULT_GUARD_RULES",
@@ -276,24 +277,23 @@ def base_model_nll(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-    token_chunk: int = 512,
-    vocab_chunk: int = 8192,
+    token_chunk: int | None = None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     gather: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> float:
     """Mean per-token NLL (nats) of the completions under the frozen base model: a coherence check.
 
     A peft model is run inside ``disable_adapter()`` (the base weights, whatever LoRA has learnt); the predictor is
-    never involved (it only exists inside the loss). A model without adapters is scored as it is. Prompts are
-    left-padded ``[B, P]`` and completions right-padded ``[B, C]``, as TRL's rollout batch holds them.
+    never involved (it only exists inside the loss). A model without adapters is scored as it is. Prompts are left-
+    padded ``[B, P]`` and completions right-padded ``[B, C]``, as TRL's rollout batch holds them.
 
-    Memory stays bounded: the backbone gives hidden states (no vocabulary projection), and logits exist for one
-    ``token_chunk x vocab_chunk`` tile at a time (online logsumexp, fp32). ``gather`` materialises a sharded head
-    weight (DeepSpeed ZeRO-3), as in the loss. Returns NaN when no completion token is selected.
+    Memory stays bounded: the backbone gives hidden states (no vocabulary projection), and the logsumexp comes from the
+    loss's chunked projection (``objectives.siamese_entropy``, one ``[token_chunk, V]`` fp32 tile at a time).
+    ``gather`` materialises a sharded head weight (DeepSpeed ZeRO-3), as in the loss. Returns NaN when no completion
+    token is selected.
     """
     from zerosiam_llm.policy import final_hidden_states, lm_head_weight
 
-    if token_chunk < 1 or vocab_chunk < 1:
-        raise UserInputError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}")
     if prompt_ids.shape[1] < 1:
         raise UserInputError("base_model_nll needs at least one prompt token to predict the first completion token")
     mask = completion_mask.bool()
@@ -311,15 +311,16 @@ def base_model_nll(
             weight = weight.full_tensor()
         hidden = hidden.to(weight.device)
         targets = completion_ids.to(weight.device)[mask.to(weight.device)]
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        total = torch.zeros((), dtype=torch.float64, device=weight.device)
-        for start in range(0, hidden.shape[0], token_chunk):
-            h = hidden[start : start + token_chunk].to(dtype)
-            lse = torch.full((h.shape[0],), -math.inf, dtype=dtype, device=h.device)
-            for w in weight.split(vocab_chunk):
-                lse = torch.logaddexp(lse, torch.logsumexp(h @ w.to(dtype).T, dim=-1))
-            target_logit = (h * weight[targets[start : start + token_chunk]].to(dtype)).sum(-1)
-            total += (lse - target_logit).sum().double()
+        # the loss's own projection path (target branch only, no gradient work): row 6 is the logsumexp
+        with torch.no_grad():
+            _, stats = siamese_entropy(hidden, None, weight, (0.0, 0.0, 0.0), 1.0, token_chunk, vocab_chunk)
+        dtype = stats.dtype
+        # the target token's logit, a bounded slice of head rows at a time
+        target_logit = torch.cat([
+            (h.to(dtype) * weight[t].to(dtype)).sum(-1)
+            for h, t in zip(hidden.split(4096), targets.split(4096), strict=True)
+        ])  # fmt: skip
+        total = (stats[6] - target_logit).double().sum()
     return float(total) / hidden.shape[0]
 
 

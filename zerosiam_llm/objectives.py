@@ -9,15 +9,16 @@ LM-head weight, ``h`` the final hidden state (the LM head's input) and ``P`` the
 
 Tent (EM-FT) is the same loss with ``alpha = 0`` and no predictor (``z_o = z_r`` up to the stop-gradient).
 
-``[tokens, vocab]`` logits are never built for more than one (token chunk x vocab chunk) tile: the forward pass keeps
-online-logsumexp statistics per token for both branches, and the backward pass recomputes each tile. Softmax math runs
-in fp32 (fp64 if the inputs are fp64) whatever the model dtype.
+``[tokens, vocab]`` logits are never built for more than one token chunk at a time: per chunk, both branches are
+projected over the whole vocabulary into two reused tiles (one for Tent), the statistics are reduced and the gradient
+``dl/dz_o`` overwrites the online tile in place, then goes back through the head. The gradient is computed in the
+forward pass, so nothing is recomputed: 3 GEMMs per chunk for ZeroSiam, 2 for Tent. Softmax math runs in fp32 (fp64 if
+the inputs are fp64) whatever the model dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +27,6 @@ import torch
 from zerosiam_llm.errors import UserInputError
 
 DEFAULT_VOCAB_CHUNK = 8192
-DEFAULT_TOKEN_CHUNK = 2048
 
 
 @dataclass
@@ -64,176 +64,189 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-class _ChunkedSiameseEntropy(torch.autograd.Function):
-    """Per-token H(p_o), KL(p_r||p_o), KL(p_o||p_r) with gradients to ``h_online`` only, plus detached statistics.
+class _FusedSiameseEntropy(torch.autograd.Function):
+    """``sum_t w_h H(p_o) + w_ro KL(p_r||p_o) + w_or KL(p_o||p_r)`` with its gradient w.r.t. ``h_online``.
 
-    With ``h_target=None`` (Tent) only the online branch is projected: the target distribution is the online one,
-    both KL terms are 0 and H(p_r) = H(p_o).
+    One pass per token chunk: project both branches over the whole vocabulary into two reused ``[chunk, V]`` tiles
+    (one for Tent), reduce the statistics and, when a gradient is wanted, overwrite the online tile with ``dl/dz_o``
+    row block by row block and multiply it back through the head. The gradient is therefore computed in the forward
+    pass (the weights are known there) and backward only scales it: no logits are recomputed, three GEMMs per chunk for
+    ZeroSiam and two for Tent.
     """
 
     @staticmethod
-    def forward(ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk, gather):  # type: ignore[override]
-        # `gather` (ZeRO-3) materialises a sharded head weight for the duration of each pass
-        ctx.gather = gather
+    def forward(ctx, h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad, gather):  # type: ignore[override]
+        # `gather` (ZeRO-3) materialises a sharded head weight for the duration of the pass
         with gather():
-            return _ChunkedSiameseEntropy._forward(
-                ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk
+            total, stats, grad = _fused_pass(
+                h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad
             )
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = h_online.dtype
+        ctx.mark_non_differentiable(stats)
+        return total, stats
 
     @staticmethod
-    def _forward(ctx, h_online, h_target, weight, temperature, vocab_chunk, token_chunk):
-        dtype = _compute_dtype(h_online, weight)
-        n = h_online.shape[0]
-        siamese = h_target is not None
-        out = torch.zeros(7, n, dtype=dtype, device=h_online.device)
-        # rows: 0 H_o, 1 KL(r||o), 2 KL(o||r), 3 H_r, 4 lse_o, 5 lse_r, 6 ||z_r||^2 (raw logits)
-        top1 = torch.zeros(n, dtype=dtype, device=h_online.device)
-        inv_t = 1.0 / temperature
-        # the only [tokens, vocab]-shaped memory: 3 reused tiles (2 for Tent), whatever N is
-        rows, cols = min(token_chunk, n), min(vocab_chunk, weight.shape[0])
-        tiles = _tiles(3 if siamese else 2, rows, cols, dtype, h_online.device)
-        for start in range(0, n, token_chunk):
-            sl = slice(start, start + token_chunk)
-            ho = h_online[sl].to(dtype)
-            ht = h_target[sl].to(dtype) if siamese else ho
-            rows = ho.shape[0]
-            m_o = torch.full((rows,), -math.inf, dtype=dtype, device=ho.device)
-            m_r = m_o.clone()
-            zeros = torch.zeros(rows, dtype=dtype, device=ho.device)
-            s_o, s_r, ez_o, ez_r, gap_o, gap_r, sq = (zeros.clone() for _ in range(7))
-            for w in weight.split(vocab_chunk):
-                w = w.to(dtype)
-                zo = torch.matmul(ho, w.T, out=tiles[0][:rows, : w.shape[0]]).mul_(inv_t)
-                zr = torch.matmul(ht, w.T, out=tiles[1][:rows, : w.shape[0]]).mul_(inv_t) if siamese else zo
-                e = tiles[-1][:rows, : w.shape[0]]
-                sq += _rowdot(zr, zr)
-                # online logsumexp: rescale the running sums whenever the running max grows
-                new_m = torch.maximum(m_o, zo.amax(-1))
-                scale = torch.exp(m_o - new_m)
-                torch.sub(zo, new_m[:, None], out=e).exp_()  # e = exp(z_o - m_o)
-                ez_zo = _rowdot(e, zo)
-                s_o = s_o * scale + e.sum(-1)
-                ez_o = ez_o * scale + ez_zo
-                m_o = new_m
-                if siamese:
-                    gap_o = gap_o * scale + ez_zo - _rowdot(e, zr)  # sum e_o (z_o - z_r)
-                    new_m = torch.maximum(m_r, zr.amax(-1))
-                    scale = torch.exp(m_r - new_m)
-                    torch.sub(zr, new_m[:, None], out=e).exp_()  # e = exp(z_r - m_r)
-                    er_zr = _rowdot(e, zr)
-                    s_r = s_r * scale + e.sum(-1)
-                    ez_r = ez_r * scale + er_zr
-                    gap_r = gap_r * scale + er_zr - _rowdot(e, zo)  # sum e_r (z_r - z_o)
-                    m_r = new_m
-            lse_o = m_o + s_o.log()
-            h_o = lse_o - ez_o / s_o
+    def backward(ctx, g_total, _g_stats):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * g_total).to(ctx.input_dtype), None, None, None, None, None, None, None, None
+
+
+def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad):
+    dtype = _compute_dtype(h_online, weight)
+    device = h_online.device
+    n, vocab = h_online.shape[0], weight.shape[0]
+    siamese = h_target is not None
+    w_h, w_ro, w_or = weights
+    if not siamese:
+        w_ro = w_or = 0.0  # the divergences are identically 0 without a second branch
+    inv_t = 1.0 / temperature
+    rows = min(n, token_chunk or max(1, _TILE_BYTES // (vocab * _itemsize(dtype))))
+    # the only [tokens, vocab] memory: 2 tiles (1 for Tent) plus 2 small row-block scratch buffers
+    tile_o = torch.empty(rows, vocab, dtype=dtype, device=device)
+    tile_r = torch.empty(rows, vocab, dtype=dtype, device=device) if siamese else None
+    block = max(1, min(rows, _block_bytes(device) // (vocab * _itemsize(dtype))))
+    scratch_o = torch.empty(block, vocab, dtype=dtype, device=device)
+    scratch_r = torch.empty(block, vocab, dtype=dtype, device=device) if siamese else None
+    stats = torch.empty(7, n, dtype=dtype, device=device)  # H_o, KL(r||o), KL(o||r), H_r, ||W h||^2, top-1, lse_r
+    grad = torch.empty(n, h_online.shape[1], dtype=dtype, device=device) if want_grad else None
+    for start in range(0, n, rows):
+        sl = slice(start, start + rows)
+        # the temperature is folded into the [rows, d] inputs: z = (h / T) W^T, no tile-sized op
+        z_o = _project(h_online[sl].to(dtype) * inv_t, weight, tile_o, vocab_chunk)
+        z_r = _project(h_target[sl].to(dtype) * inv_t, weight, tile_r, vocab_chunk) if siamese else z_o
+        for b0 in range(0, z_o.shape[0], block):
+            bs = slice(b0, b0 + block)
+            a, b = z_o[bs], z_r[bs]
+            e_o = scratch_o[: a.shape[0]]
+            # unnormalised softmax e = exp(z - max z), kept for the gradient below: one exp per branch and element
+            m_o = a.amax(-1, keepdim=True)
+            torch.sub(a, m_o, out=e_o).exp_()
+            s_o = e_o.sum(-1)
+            ez_oo = _rowdot(e_o, a)  # s_o E_o[z_o]
+            lse_o = m_o.squeeze(-1) + s_o.log()
+            h_o = lse_o - ez_oo / s_o
             if siamese:
-                lse_r = m_r + s_r.log()
-                h_r = lse_r - ez_r / s_r
-                kl_ro = gap_r / s_r - lse_r + lse_o  # E_r[z_r - z_o] - lse_r + lse_o
-                kl_or = gap_o / s_o - lse_o + lse_r  # E_o[z_o - z_r] - lse_o + lse_r
-                m_top = m_r
+                e_r = scratch_r[: a.shape[0]]
+                m_r = b.amax(-1, keepdim=True)
+                torch.sub(b, m_r, out=e_r).exp_()
+                s_r = e_r.sum(-1)
+                ez_rr, ez_or, ez_ro = _rowdot(e_r, b), _rowdot(e_o, b), _rowdot(e_r, a)
+                lse_r = m_r.squeeze(-1) + s_r.log()
+                h_r = lse_r - ez_rr / s_r
+                kl_ro = (ez_rr - ez_ro) / s_r - lse_r + lse_o  # E_r[z_r - z_o] - lse_r + lse_o
+                kl_or = (ez_oo - ez_or) / s_o - lse_o + lse_r  # E_o[z_o - z_r] - lse_o + lse_r
             else:
-                lse_r, h_r, m_top = lse_o, h_o, m_o
+                s_r, lse_r, h_r = s_o, lse_o, h_o
                 kl_ro = kl_or = torch.zeros_like(h_o)
-            out[0, sl], out[1, sl], out[2, sl], out[3, sl] = h_o, kl_ro, kl_or, h_r
-            out[4, sl], out[5, sl], out[6, sl] = lse_o, lse_r, sq * temperature**2
-            top1[sl] = torch.exp(m_top - lse_r)
-        ctx.save_for_backward(h_online, h_target if siamese else None, out[:6].clone())
-        ctx.weight = weight  # the (frozen) parameter itself, re-read under `gather` in backward
-        ctx.siamese = siamese
-        ctx.temperature, ctx.vocab_chunk, ctx.token_chunk = temperature, vocab_chunk, token_chunk
-        stats = out[3:].clone()
-        ctx.mark_non_differentiable(stats, top1)
-        return out[0].clone(), out[1].clone(), out[2].clone(), stats, top1
-
-    @staticmethod
-    def backward(ctx, g_h, g_kl_ro, g_kl_or, _g_stats, _g_top1):  # type: ignore[override]
-        with ctx.gather():
-            return _ChunkedSiameseEntropy._backward(ctx, g_h, g_kl_ro, g_kl_or)
-
-    @staticmethod
-    def _backward(ctx, g_h, g_kl_ro, g_kl_or):
-        h_online, h_target, saved = ctx.saved_tensors
-        weight = ctx.weight
-        dtype = _compute_dtype(h_online, weight)
-        inv_t = 1.0 / ctx.temperature
-        grad = torch.zeros(h_online.shape, dtype=dtype, device=h_online.device)
-        zeros = torch.zeros(h_online.shape[0], dtype=dtype, device=h_online.device)
-        g_h = zeros if g_h is None else g_h.to(dtype)
-        g_kl_ro = zeros if g_kl_ro is None else g_kl_ro.to(dtype)
-        g_kl_or = zeros if g_kl_or is None else g_kl_or.to(dtype)
-        # with alpha = 0 the KL outputs are unused: skip the target projection entirely
-        need_kl = ctx.siamese and bool(g_kl_ro.any() or g_kl_or.any())
-        n = h_online.shape[0]
-        tiles = _tiles(3 if need_kl else 2, min(ctx.token_chunk, n), min(ctx.vocab_chunk, weight.shape[0]), dtype,
-                       h_online.device)  # fmt: skip
-        for start in range(0, h_online.shape[0], ctx.token_chunk):
-            sl = slice(start, start + ctx.token_chunk)
-            ho = h_online[sl].to(dtype)
-            ht = h_target[sl].to(dtype) if need_kl else None
-            h_o, kl_or, lse_o, lse_r = saved[0, sl, None], saved[2, sl, None], saved[4, sl, None], saved[5, sl, None]
-            gh, gro, gor = g_h[sl, None], g_kl_ro[sl, None], g_kl_or[sl, None]
-            acc = grad[sl]
-            rows = ho.shape[0]
-            # per-token coefficients: dL/dz_o = p_o * [(g_or - g_h) log p_o - g_or log p_r + c] - g_ro p_r, with
-            # c = g_ro - g_h H_o - g_or KL(o||r)   (dH/dz = -p(log p + H); dKL(o||r)/dz = p_o(log p_o - log p_r
-            # - KL); dKL(r||o)/dz = p_o - p_r)
-            coef_lpo = gor - gh if need_kl else -gh
-            const = gro - gh * h_o - gor * kl_or if need_kl else -gh * h_o
-            for w in weight.split(ctx.vocab_chunk):
-                w = w.to(dtype)
-                cols = w.shape[0]
-                lpo = torch.matmul(ho, w.T, out=tiles[0][:rows, :cols]).mul_(inv_t).sub_(lse_o)
-                p_o = torch.exp(lpo, out=tiles[-1][:rows, :cols])
-                dz = lpo.mul_(coef_lpo).add_(const)
-                if need_kl:
-                    lpr = torch.matmul(ht, w.T, out=tiles[1][:rows, :cols]).mul_(inv_t).sub_(lse_r)
-                    dz.addcmul_(lpr, gor, value=-1.0)
-                    dz.mul_(p_o)
-                    dz.sub_(lpr.exp_().mul_(gro))  # - g_ro p_r
+            rs = slice(start + b0, start + b0 + a.shape[0])
+            stats[0, rs], stats[1, rs], stats[2, rs], stats[3, rs] = h_o, kl_ro, kl_or, h_r
+            stats[4, rs] = _rowdot(b, b) * temperature**2  # raw logits W h = T z_r
+            stats[5, rs] = s_r.reciprocal()  # max p_r = exp(m_r - lse_r)
+            stats[6, rs] = lse_r
+            if want_grad:
+                # dl/dz_o = p_o [(w_or - w_h) log p_o - w_or log p_r + c] - w_ro p_r,
+                # c = w_ro - w_h H_o - w_or KL(o||r)   (dH/dz = -p (log p + H);
+                # dKL(o||r)/dz_o = p_o (log p_o - log p_r - KL(o||r)); dKL(r||o)/dz_o = p_o - p_r).
+                # With log p = z - lse and p_o = e_o / s_o it is written in place over the z_o rows:
+                #   dz = e_o / s_o * [(w_or - w_h) z_o - w_or z_r + k] - (w_ro / s_r) e_r
+                coef = w_or - w_h
+                k = w_ro - w_h * h_o - w_or * kl_or - coef * lse_o + w_or * lse_r
+                if coef == 0 and w_or:  # alpha = 1: the log p_o terms cancel
+                    torch.mul(b, -w_or, out=a)
                 else:
-                    dz.mul_(p_o)
-                acc.addmm_(dz, w)
-            grad[sl] = acc * inv_t
-        return grad.to(h_online.dtype), None, None, None, None, None, None
+                    a.mul_(coef)
+                    if w_or:
+                        a.add_(b, alpha=-w_or)
+                a.add_(k[:, None]).mul_(e_o).mul_(s_o.reciprocal()[:, None])
+                if w_ro:
+                    a.addcmul_(e_r, (-w_ro / s_r)[:, None])
+        if want_grad:
+            _back_project(z_o, weight, grad[sl], vocab_chunk)
+    if want_grad:
+        grad.mul_(inv_t)
+    total = (w_h * stats[0]).sum()
+    if w_ro:
+        total = total + w_ro * stats[1].sum()
+    if w_or:
+        total = total + w_or * stats[2].sum()
+    return total, stats, grad
 
 
-def _tiles(count: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    return [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(count)]
+_TILE_BYTES = 128 * 2**20  # default logits tile when no token chunk is given
+_CPU_BLOCK_BYTES = 2 * 2**20  # row blocks of the elementwise passes stay in cache on CPU
+_GPU_BLOCK_BYTES = 32 * 2**20  # on GPU, fewer and larger kernels
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _block_bytes(device: torch.device) -> int:
+    return _CPU_BLOCK_BYTES if device.type == "cpu" else _GPU_BLOCK_BYTES
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor, tile: torch.Tensor, vocab_chunk: int) -> torch.Tensor:
+    """``h W^T`` into the first rows of ``tile``; a head in another dtype is cast one vocabulary slice at a time."""
+    out = tile[: h.shape[0]]
+    if weight.dtype == h.dtype:
+        return torch.matmul(h, weight.T, out=out)
+    for start in range(0, weight.shape[0], vocab_chunk):
+        w = weight[start : start + vocab_chunk].to(h.dtype)
+        out[:, start : start + w.shape[0]] = h @ w.T
+    return out
+
+
+def _back_project(dz: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, vocab_chunk: int) -> None:
+    """``out = dz W`` (the gradient w.r.t. the projected hidden states), casting the head slice by slice if needed."""
+    if weight.dtype == dz.dtype:
+        torch.matmul(dz, weight, out=out)
+        return
+    out.zero_()
+    for start in range(0, weight.shape[0], vocab_chunk):
+        w = weight[start : start + vocab_chunk].to(dz.dtype)
+        out.addmm_(dz[:, start : start + w.shape[0]], w)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of two [rows, cols] tiles without a third tile-sized temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Row-wise dot products of two row blocks (small: the temporary stays in cache)."""
+    return torch.linalg.vecdot(a, b)
 
 
 def gather_noop() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def siamese_entropy_terms(
+def siamese_entropy(
     h_online: torch.Tensor,
     h_target: torch.Tensor | None,
     weight: torch.Tensor,
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
     temperature: float = 1.0,
+    token_chunk: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token terms over compacted rows ``[N, d]``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted sum over rows ``[N, d]`` of ``(H(p_o), KL(p_r||p_o), KL(p_o||p_r))``, and per-token statistics.
 
-    Returns ``(H_o, KL(r||o), KL(o||r), stats, top1)``: the first three are differentiable w.r.t. ``h_online``;
-    ``stats`` is ``[4, N]`` and detached, rows H(p_r), logsumexp of z_o, logsumexp of z_r, squared L2 norm of the raw
-    target logits ``W h``; ``top1`` is the target branch's top-1 probability.
-    ``h_target`` is detached here: the target branch never receives a gradient.
+    Returns ``(total, stats)``: ``total`` is differentiable w.r.t. ``h_online``; ``stats`` is ``[7, N]`` and detached,
+    rows H(p_o), KL(r||o), KL(o||r), H(p_r), squared L2 norm of the raw target logits ``W h``, the target branch's
+    top-1 probability and the logsumexp of its (tempered) logits. ``h_target`` is detached: the target branch never
+    receives a gradient. ``h_target=None`` is Tent: one branch, both divergences 0, H(p_r) = H(p_o).
+    ``token_chunk=None`` sizes the chunk so one fp32 ``[chunk, V]`` tile takes 128 MiB.
     """
     if temperature <= 0:
         raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
     if weight.requires_grad:
         raise UserInputError("the LM head must be frozen: its weight requires grad")
+    if token_chunk is not None and token_chunk < 1 or vocab_chunk < 1:
+        raise UserInputError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}")
     target = h_target.detach() if h_target is not None else None
-    return _ChunkedSiameseEntropy.apply(h_online, target, weight, float(temperature), vocab_chunk, token_chunk, gather)
+    want_grad = torch.is_grad_enabled() and h_online.requires_grad
+    weights = tuple(float(w) for w in weights)
+    return _FusedSiameseEntropy.apply(
+        h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad, gather
+    )
 
 
 def zerosiam_loss(
@@ -245,7 +258,7 @@ def zerosiam_loss(
     temperature: float = 1.0,
     num_items: float | torch.Tensor | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    token_chunk: int | None = None,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
 ) -> ObjectiveOutput:
     """ZeroSiam (``predictor`` given) or Tent (``predictor=None``, ``alpha`` must then be 0) over ``hidden[mask]``.
@@ -272,26 +285,25 @@ def zerosiam_loss(
         raise UserInputError("the loss mask selects no position: every completion is empty or masked out")
     h = hidden[mask]  # compact first: prompt and padding rows never reach the head
     if predictor is not None:
-        h_online = predictor(h)
-        h_target = h
+        h_online, h_target = predictor(h), h
     else:
         h_online, h_target = h, None
-    h_o, kl_ro, kl_or, stats, top1 = siamese_entropy_terms(
-        h_online, h_target, lm_head_weight, temperature, vocab_chunk, token_chunk, gather
+    total, stats = siamese_entropy(
+        h_online, h_target, lm_head_weight, (1.0, alpha, alpha), temperature, token_chunk, vocab_chunk, gather
     )
-    per_token = h_o + alpha * (kl_ro + kl_or) if alpha != 0 else h_o
     n = h.shape[0]
-    divisor = n if num_items is None else num_items
-    loss = per_token.sum() / divisor
+    loss = total / (n if num_items is None else num_items)
     with torch.no_grad():
-        norms = stats[3].clamp_min(0).sqrt()
+        means = stats[:4].mean(-1).tolist()
+        norms = stats[4].clamp_min(0).sqrt()
+        top1 = stats[5]
         return ObjectiveOutput(
             loss=loss,
             num_tokens=n,
-            entropy_online=h_o.detach().mean().item(),
-            entropy_target=stats[0].mean().item(),
-            kl_target_online=kl_ro.detach().mean().item(),
-            kl_online_target=kl_or.detach().mean().item(),
+            entropy_online=means[0],
+            entropy_target=means[3],
+            kl_target_online=means[1],
+            kl_online_target=means[2],
             logit_norm_mean=norms.mean().item(),
             logit_norm_max=norms.max().item(),
             top1_prob_mean=top1.mean().item(),
@@ -306,7 +318,7 @@ def tent_loss(
     temperature: float = 1.0,
     num_items: float | torch.Tensor | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    token_chunk: int | None = None,
 ) -> ObjectiveOutput:
     """Tent / EM-FT: mean token entropy of the model's own distribution (ZeroSiam with alpha=0, no predictor)."""
     return zerosiam_loss(hidden, mask, lm_head_weight, None, 0.0, temperature, num_items, vocab_chunk, token_chunk)
