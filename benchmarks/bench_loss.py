@@ -9,6 +9,7 @@ Variants (each in its own subprocess, so the peak RSS is the variant's own):
 
     python benchmarks/bench_loss.py                 # all variants, interleaved, 3 rounds, prints a table
     python benchmarks/bench_loss.py --rounds 5 --batch 8 --length 256
+    python benchmarks/bench_loss.py --paired 8      # tent and zerosiam alternating in one process: the ratio
 
 Each timed step is one backbone forward + loss + backward (LoRA r = 16 on all linear layers, fp32); the printed time
 is the median over rounds after one warm-up step per process. Peak RSS is the process high-water mark, which
@@ -29,15 +30,43 @@ VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "naive-tent", "naive-zerosiam")
 
 
 def run_variant(variant: str, batch: int, length: int, prompt: int, steps: int) -> dict:
+    step = make_step(variant, batch, length, prompt)
+    step()  # warm-up
+    times = [step() for _ in range(steps)]
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"variant": variant, "seconds": times, "peak_rss_gb": peak_gb}
+
+
+def run_paired(variants: list[str], batch: int, length: int, prompt: int, steps: int) -> dict:
+    """All variants in this one process on one model, steps alternating: the same memory and machine state."""
+    make = {}
+    for variant in variants:
+        make[variant] = make_step(variant, batch, length, prompt)
+        make[variant]()  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(steps):
+        for variant in variants:
+            times[variant].append(make[variant]())
+        print(f"paired step {i + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f}" for v in variants), file=sys.stderr)
+    return times
+
+
+_MODEL = None
+
+
+def make_step(variant: str, batch: int, length: int, prompt: int):
+    """A function timing one backbone forward + loss + backward of ``variant`` (the model is loaded once)."""
     import torch
 
     from zerosiam_llm.objectives import reference_terms, tent_loss, zerosiam_loss
     from zerosiam_llm.policy import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
     from zerosiam_llm.predictor import Predictor
 
+    global _MODEL
     torch.manual_seed(0)
-    model, _ = load_policy("embedded:smollm2-135m")
-    model = apply_lora(model, make_lora_config(16))
+    if _MODEL is None:
+        _MODEL = apply_lora(load_policy("embedded:smollm2-135m")[0], make_lora_config(16))
+    model = _MODEL
     d = model.config.hidden_size
     ids = torch.randint(100, 40000, (batch, length))
     mask = torch.zeros(batch, length - 1, dtype=torch.bool)
@@ -68,10 +97,7 @@ def run_variant(variant: str, batch: int, length: int, prompt: int, steps: int) 
         loss.backward()
         return time.perf_counter() - start
 
-    step()  # warm-up
-    times = [step() for _ in range(steps)]
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"variant": variant, "seconds": times, "peak_rss_gb": peak_gb, "tokens": int(mask.sum())}
+    return step
 
 
 def main() -> None:
@@ -83,7 +109,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--paired", type=int, default=0, metavar="STEPS",
+                        help="instead: tent and zerosiam alternating in one process for STEPS steps each")
     args = parser.parse_args()
+    if args.paired:
+        times = run_paired(["tent", "zerosiam"], args.batch, args.length, args.prompt, args.paired)
+        ratios = [z / t for t, z in zip(times["tent"], times["zerosiam"], strict=True)]
+        print(f"\npaired in one process, {args.paired} alternating steps each, {args.batch} x {args.length} tokens")
+        print("| variant | median s | min-max s |")
+        print("|---|---|---|")
+        for variant, ts in times.items():
+            print(f"| {variant} | {statistics.median(ts):.2f} | {min(ts):.2f}-{max(ts):.2f} |")
+        print(f"zerosiam / tent per step pair: median {statistics.median(ratios):.3f}, "
+              f"min-max {min(ratios):.3f}-{max(ratios):.3f}")  # fmt: skip
+        return
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.batch, args.length, args.prompt, args.steps)))
         return
@@ -97,8 +136,9 @@ def main() -> None:
             print(f"round {r + 1} {variant}: {results[variant][-1]['seconds']}", file=sys.stderr)
     tent_times = [t for res in results.get("tent", []) for t in res["seconds"]]
     base = statistics.median(tent_times) if tent_times else None
+    positions = args.batch * (args.length - args.prompt)
     print(f"\nloss step, embedded SmolLM2-135M, LoRA r16 all-linear, fp32, {args.batch} x {args.length} tokens "
-          f"({results[next(iter(results))][0]['tokens']} loss positions), {args.rounds} rounds")  # fmt: skip
+          f"({positions} loss positions), {args.rounds} rounds")  # fmt: skip
     print("| variant | median s | min-max s | vs tent | peak RSS GB |")
     print("|---|---|---|---|---|")
     for variant, runs in results.items():

@@ -58,7 +58,8 @@ def main() -> None:
                 for method in METHODS:  # interleaved: machine noise hits both alike
                     res = run(method, lr, args.num_problems, Path(tmp) / f"{method}-{lr}-{r}")
                     results.setdefault((lr, method), []).append(res)
-                    print(f"round {r + 1} lr {lr} {method}: {[round(t, 2) for t in res['step_time']]}", file=sys.stderr)
+                    times = [round(t, 2) for t in res["step_time"]]
+                    print(f"round {r + 1} lr {lr} {method}: {times}", file=sys.stderr)
     print(f"\nonline step (rollout + loss fwd/bwd), embedded SmolLM2-135M, {args.num_problems} problems in batches "
           f"of 8, {args.rounds} rounds; median over all batches of all rounds")  # fmt: skip
     print("| lr | method | median s per batch | min-max s | vs tent | mean answer length | wall s per run |")

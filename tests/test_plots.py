@@ -94,5 +94,5 @@ def test_bad_inputs(two_runs, tmp_path):
     with pytest.raises(UserInputError, match="no step lines yet"):
         collapse_table([empty])
     (empty / "metrics.jsonl").write_text("{not json\n")
-    with pytest.raises(UserInputError, match="not valid JSONL"):
+    with pytest.raises(UserInputError, match=r"metrics.jsonl, line 1: not valid JSON"):
         collapse_table([empty])

@@ -60,6 +60,40 @@ def test_train_writes_adapter_predictor_metrics_and_card(tiny_model_dir, tmp_pat
     assert any("lora_" in n for n, _ in model.named_parameters())
 
 
+def test_rollouts_from_the_merged_bf16_copy(tiny_model_dir, tmp_path, monkeypatch):
+    """auto picks the bf16 copy on a CPU with native bf16 (else the model itself); after training the copy holds the
+    trained LoRA merged; an explicit bfloat16 is honoured whatever the CPU."""
+    from zerosiam_llm import trainer as trainer_module
+
+    seen = {}
+    real = trainer_module.ZeroSiamTrainer._generate_single_turn
+
+    def spy(self, *args, **kwargs):
+        seen.setdefault("dtypes", []).append(None if self._rollout_copy is None else self._rollout_copy.dtype)
+        result = real(self, *args, **kwargs)
+        seen["trainer"] = self
+        return result
+
+    monkeypatch.setattr(trainer_module.ZeroSiamTrainer, "_generate_single_turn", spy)
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: True)
+    assert run(tiny_args(tiny_model_dir, tmp_path / "bf16")) == 0
+    assert seen["dtypes"] == [torch.bfloat16, torch.bfloat16]
+    trainer = seen["trainer"]
+    trainer._rollout_copy.sync()
+    for lora, linear in trainer._rollout_copy._pairs:
+        delta = lora.get_delta_weight("default")
+        assert delta.abs().max() > 0  # trained
+        assert torch.equal(linear.weight, (lora.base_layer.weight + delta).bfloat16())
+    monkeypatch.setattr(trainer_module, "cpu_supports_bf16", lambda: False)
+    seen.clear()
+    assert run(tiny_args(tiny_model_dir, tmp_path / "fp32")) == 0
+    assert seen["dtypes"] == [None, None]
+    assert (tmp_path / "fp32" / "adapter_model.safetensors").is_file()
+    seen.clear()
+    assert run(tiny_args(tiny_model_dir, tmp_path / "forced", "--rollout_dtype", "bfloat16")) == 0
+    assert seen["dtypes"] == [torch.bfloat16, torch.bfloat16]
+
+
 def test_k_rollouts_per_prompt(tiny_model_dir, tmp_path):
     out = tmp_path / "k4"
     assert run(tiny_args(tiny_model_dir, out, "--num_rollouts", 4, "--max_steps", 1)) == 0

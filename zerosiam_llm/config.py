@@ -20,6 +20,7 @@ import yaml
 from trl import DistillationConfig
 
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import load_yaml
 from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
@@ -27,6 +28,7 @@ from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
 METHODS = ("zerosiam", "tent", "none")
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
+ROLLOUT_DTYPES = ("auto", "bfloat16", "model")
 LONG_PROMPT_POLICIES = ("skip", "truncate")
 GENERATED_DATASET = "generated:arithmetic"
 # fields that exist in TrainingArguments / DistillationConfig but mean nothing here: refused if set in a recipe
@@ -58,6 +60,14 @@ class ZeroSiamConfig(DistillationConfig):
         default="float32",
         metadata={
             "help": "dtype the weights are loaded in: float32, bfloat16 or float16. LoRA and predictor are fp32."
+        },
+    )
+    rollout_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Training rollouts with HF generate: bfloat16 = from a bf16 copy of the policy with LoRA merged, "
+            "re-synced before each generation (about 2x faster on CPUs with AVX512-BF16/AMX); model = from the "
+            "training model itself; auto = bfloat16 on such a CPU when the model is fp32 and vLLM is off, else model."
         },
     )
     attn_implementation: str | None = field(
@@ -299,6 +309,7 @@ class ZeroSiamConfig(DistillationConfig):
             "long_prompt": LONG_PROMPT_POLICIES,
             "answer_style": GOLD_STYLES,
             "model_dtype": ("float32", "bfloat16", "float16"),
+            "rollout_dtype": ROLLOUT_DTYPES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -406,16 +417,7 @@ def resolve_recipe(name_or_path: str, recipes_dir: str | os.PathLike) -> Path:
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Safe-load a recipe YAML into a dict of raw values."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserInputError(f"recipe {path} is not UTF-8 text") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise UserInputError(f"recipe {path} is not valid YAML{where}: {problem}") from None
+    data = load_yaml(path, "recipe")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.files import parse_jsonl
 
 GENERATED_PREFIX = "generated:"
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -57,7 +58,6 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         except Exception as err:  # pyarrow raises several types for corrupt files
             raise UserInputError(f"data file {path} is not a readable Parquet file: {err}") from None
     raw = path.read_bytes()
-    rows: list[dict[str, Any]] = []
     if suffix == ".json" and raw.lstrip()[:1] in (b"[", b"{"):
         try:
             data = json.loads(raw.decode("utf-8"))
@@ -65,6 +65,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             raise UserInputError(f"data file {path} is not UTF-8 (byte {err.start})") from None
         except json.JSONDecodeError:
             data = None  # maybe JSON lines with a .json suffix
+        rows: list = []
         if isinstance(data, list):
             rows = data
         elif isinstance(data, dict):
@@ -72,21 +73,7 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
             rows = lists[0] if len(lists) == 1 else [data]
         if data is not None:
             return [r for r in rows if isinstance(r, dict)]
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UserInputError(f"data file {path}, line {lineno}: not UTF-8 text") from None
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"data file {path}, line {lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserInputError(f"data file {path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return parse_jsonl(raw, path, "data file")
 
 
 def _read_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]:

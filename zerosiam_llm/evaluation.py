@@ -34,10 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.files import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from zerosiam_llm.files import append_jsonl, atomic_write_json, atomic_write_text, load_yaml, read_jsonl
 from zerosiam_llm.grading import (
     GOLD_STYLES,
     Grader,
@@ -110,12 +108,7 @@ _REQUIRED_FIELDS = ("hub_id", "split", "question_field", "answer_field", "answer
 def load_benchmarks(path: str | os.PathLike) -> dict[str, Benchmark]:
     """Read the benchmark definitions (name -> :class:`Benchmark`) from a YAML file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserInputError(f"benchmarks file {path} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserInputError(f"benchmarks file {path} is not valid YAML: {err}") from None
+    data = load_yaml(path, "benchmarks file")
     if not isinstance(data, dict) or not data:
         raise UserInputError(f"benchmarks file {path} must map benchmark names to their definitions")
     known = {f.name for f in dataclasses.fields(Benchmark)} - {"name"}
@@ -372,30 +365,7 @@ def _repair_torn_tail(path: Path) -> None:
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The sample lines of a results JSONL. A torn last line is ignored; a line that is not UTF-8 or not a JSON
     object is refused by line number (the file is damaged: fix or delete that line, or pass --overwrite)."""
-    path = Path(path)
-    try:
-        records = read_jsonl(path)  # the common case; it cannot say which line is bad, so see below
-        if all(isinstance(r, dict) for r in records):
-            return records
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
-    records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.endswith(b"\n"):
-                break  # torn tail (a torn multi-byte character included)
-            if not raw.strip():
-                continue
-            try:
-                value = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise UserInputError(f"results file {path}, line {lineno}: not UTF-8 text") from None
-            except json.JSONDecodeError as err:
-                raise UserInputError(f"results file {path}, line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(value, dict):
-                raise UserInputError(f"results file {path}, line {lineno}: expected a JSON object")
-            records.append(value)
-    return records
+    return read_jsonl(path, "results file")
 
 
 def _index_results(

@@ -1,4 +1,5 @@
-"""Atomic file writes and append-only JSONL: a killed run never leaves a half-written file that looks complete."""
+"""Atomic file writes and append-only JSONL (a killed run never leaves a half-written file that looks complete),
+and the one reader of JSONL and YAML files, whose errors name the file and line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from zerosiam_llm.errors import UserInputError
 
 
 @contextlib.contextmanager
@@ -48,17 +53,55 @@ def append_jsonl(path: str | os.PathLike, records: list[dict] | dict) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All complete lines of a JSONL file; a torn last line (killed mid-write) is ignored."""
+def parse_jsonl(raw: bytes, path: str | os.PathLike, what: str, torn_tail: bool = False) -> list[dict]:
+    """The JSON objects of a JSONL file's bytes, one per non-blank line; a bad line is refused by number.
+
+    ``torn_tail``: bytes after the last newline are a line cut short by a kill (run files written by
+    :func:`append_jsonl`) and are ignored, a torn multi-byte character included; data files may simply end without a
+    newline. ``what`` names the file in errors ("data file", "results file").
+    """
+    lines = raw.split(b"\n")
+    if torn_tail:
+        lines = lines[:-1]  # empty when the file ends with a newline
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserInputError(f"{what} {path}, line {lineno}: not UTF-8 text") from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{what} {path}, line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserInputError(f"{what} {path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "run file") -> list[dict]:
+    """All complete lines of a JSONL file written by :func:`append_jsonl` ([] when it does not exist)."""
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn tail
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
-    return records
+    return parse_jsonl(path.read_bytes(), path, what, torn_tail=True)
+
+
+def load_yaml(path: str | os.PathLike, what: str) -> Any:
+    """Safe-load a YAML file (no Python tags); a missing, non-UTF-8 or invalid file is one line naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserInputError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{what} {path} is not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise UserInputError(f"{what} {path} is not valid YAML{where}: {problem}") from None

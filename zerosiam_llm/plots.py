@@ -10,7 +10,6 @@ deviation; runs are overlaid, panels with no data are left out. The Markdown tab
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,11 +61,7 @@ def load_step_lines(run_dir: str | Path) -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.is_file():
         raise UserInputError(f"{run_dir} has no {METRICS_FILE} (not a zerosiam-llm run directory?)")
-    try:
-        rows = read_jsonl(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{path} is not valid JSONL: {err}") from None
-    steps = [r for r in rows if isinstance(r, dict) and "loss" in r]
+    steps = [r for r in read_jsonl(path) if "loss" in r]  # a bad line: an error naming the file and line
     if not steps:
         raise UserInputError(f"{path} has no step lines yet (lines with a loss)")
     return steps

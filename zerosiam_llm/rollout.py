@@ -1,7 +1,8 @@
 """Generation backends: HF ``generate`` (CPU/GPU) and vLLM (GPU), for evaluation and the online protocol.
 
 Training rollouts come from TRL (its own HF / vLLM generation and LoRA weight sync); this module serves code that
-generates outside a trainer. Both backends take rendered prompts (the exact text from
+generates outside a trainer, and :class:`MergedRolloutCopy`, the bf16 merged copy TRL's HF path generates from on
+CPU. Both backends take rendered prompts (the exact text from
 :func:`zerosiam_llm.prompts.render_prompt`), tokenise them without adding special tokens (the chat template already
 holds them), and return, per prompt, ``n`` :class:`Completion` objects that say how many tokens were generated and
 whether ``max_new_tokens`` cut the completion short.
@@ -30,6 +31,7 @@ __all__ = [
     "Completion",
     "Generator",
     "HFGenerator",
+    "MergedRolloutCopy",
     "SamplingConfig",
     "VLLMGenerator",
     "cpu_supports_bf16",
@@ -218,6 +220,57 @@ def load_adapter(model, adapter: str, merge: bool = True, revision: str | None =
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(f"cannot load adapter {adapter}: {first}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+class MergedRolloutCopy:
+    """A copy of a peft policy in another dtype with its LoRA weights merged, for training rollouts on CPU.
+
+    On CPUs with native bf16 (AVX512-BF16, AMX) a bf16 model generates about twice as fast as the fp32 training model,
+    and merged weights cost no LoRA matmuls. :meth:`sync` writes ``W + scale * B A`` of every LoRA layer, cast, into
+    the copy: the trainer calls it before each generation (a few hundred ms for a 135M model), so rollouts always come
+    from the current weights. The copy holds no predictor, adapters or optimizer state; only LoRA layers change, the
+    rest is frozen and copied once. Greedy tokens can differ from the fp32 model's at near-ties (bf16 rounding), as
+    vLLM's bf16 rollouts do on GPU.
+    """
+
+    def __init__(self, peft_model, dtype: str = "bfloat16") -> None:
+        import copy
+
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        self.dtype = getattr(torch, dtype)
+        base = peft_model.get_base_model()
+        self.model = copy.deepcopy(base).to(self.dtype).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        # (LoRA layer of the training model, the plain Linear at the same place in the copy)
+        self._pairs = []
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                target = self.model.get_submodule(name)
+                self.model.set_submodule(name, _plain_linear(target))
+                self._pairs.append((module, self.model.get_submodule(name)))
+        if not self._pairs:
+            raise UserInputError("rollout copy: the model has no LoRA layers to merge")
+
+    def sync(self) -> None:
+        """Write the current merged weights into the copy (a disabled or already merged adapter adds nothing)."""
+        import torch
+
+        with torch.no_grad():
+            for lora, linear in self._pairs:
+                weight = lora.get_base_layer().weight
+                if not lora.merged and not lora.disable_adapters:
+                    for adapter in lora.active_adapters:
+                        if adapter in lora.lora_A:
+                            weight = weight + lora.get_delta_weight(adapter)
+                linear.weight.copy_(weight)
+
+
+def _plain_linear(module):
+    """The copy's LoRA-wrapped Linear as a plain ``nn.Linear`` (its base layer): merged weights need no adapter."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
@@ -34,6 +35,7 @@ from zerosiam_llm.monitor import CollapseGuard, answer_dominance, base_model_nll
 from zerosiam_llm.objectives import zerosiam_loss
 from zerosiam_llm.policy import PREDICTOR_ATTRIBUTE, attach_predictor, causal_lm, get_predictor, lm_head_weight
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
+from zerosiam_llm.rollout import MergedRolloutCopy, cpu_supports_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class ZeroSiamTrainer(DistillationTrainer):
             callbacks=callbacks,
             peft_config=peft_config,
         )
+        # made before the predictor is attached: the copy generates, it never holds P
+        self._rollout_copy = self._make_rollout_copy()
         self.predictor: Predictor | None = None
         if args.uses_predictor:
             hidden = lm_head_weight(self.model).shape[1]
@@ -132,6 +136,29 @@ class ZeroSiamTrainer(DistillationTrainer):
             shuffle=self.shuffle_dataset,
             seed=self.args.seed,
         )
+
+    def _make_rollout_copy(self) -> MergedRolloutCopy | None:
+        choice = self.args.rollout_dtype
+        if choice == "model" or self.use_vllm:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        plain_cpu = model.device.type == "cpu" and self.accelerator.num_processes == 1 and is_peft_model(model)
+        if choice == "auto" and not (plain_cpu and model.dtype == torch.float32 and cpu_supports_bf16()):
+            return None
+        if not is_peft_model(model):
+            raise UserInputError("rollout_dtype: bfloat16 needs a LoRA policy (the copy merges the adapter)")
+        return MergedRolloutCopy(model, "bfloat16")
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        if self._rollout_copy is None or self.use_vllm or images is not None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        # TRL generates from `self.model_wrapped`: point it at the merged bf16 copy for this call only
+        self._rollout_copy.sync()
+        wrapped, self.model_wrapped = self.model_wrapped, self._rollout_copy.model
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+        finally:
+            self.model_wrapped = wrapped
 
     def _prepare_inputs(self, generation_batch):
         online_repeats = self.args.protocol == "online" and self.args.steps_per_batch > 1 and self.model.training
