@@ -1,5 +1,7 @@
-"""CPU rollout throughput: plain fp32 `model.generate` vs the project's HF generation path (zerosiam_llm.rollout.
-HFGenerator: bf16 on CPUs with avx512_bf16, batching, left padding, adapters merged) on the same prompts.
+"""CPU rollout throughput on the same prompts: plain fp32 `model.generate`; the evaluation path (zerosiam_llm.rollout.
+HFGenerator: sorted batching, left padding, adapters merged, fp32 and bf16 on CPUs with avx512_bf16); the training
+policy (LoRA r16) generating unmerged in fp32 as TRL's HF path does, and from the merged bf16 copy
+(rollout.MergedRolloutCopy, `rollout_dtype: auto`) the trainer now generates from.
 
     python benchmarks/bench_rollout.py [--batch 32] [--max_new_tokens 64] [--rounds 2]
 
@@ -19,9 +21,9 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from zerosiam_llm.policy import load_policy
+    from zerosiam_llm.policy import apply_lora, load_policy, make_lora_config
     from zerosiam_llm.prompts import build_messages, render_prompt
-    from zerosiam_llm.rollout import HFGenerator, SamplingConfig, cpu_supports_bf16
+    from zerosiam_llm.rollout import HFGenerator, MergedRolloutCopy, SamplingConfig, cpu_supports_bf16
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -36,11 +38,11 @@ def main() -> None:
     questions = [json.loads(x)["question"] for x in args.data.read_text().splitlines()[: args.batch]]
     prompts = [render_prompt(tok, build_messages(q)) for q in questions]
 
-    def plain() -> float:
+    def plain(lm) -> float:
         enc = tok(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(
+            out = lm.generate(
                 **enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
             )
         wall = time.perf_counter() - start
@@ -50,23 +52,49 @@ def main() -> None:
         return useful / wall
 
     sampling = SamplingConfig(n=1, temperature=0.0, max_new_tokens=args.max_new_tokens)
-    bf16 = HFGenerator.from_pretrained("embedded:smollm2-135m", dtype="auto", device="cpu", batch_size=args.batch)
+    generators = {
+        dtype: HFGenerator.from_pretrained("embedded:smollm2-135m", dtype=dtype, device="cpu", batch_size=args.batch)
+        for dtype in ("float32", "auto")
+    }
 
-    def ours() -> float:
+    def ours(generator) -> float:
         start = time.perf_counter()
-        done = bf16.generate_all(prompts, sampling)
+        done = generator.generate_all(prompts, sampling)
         wall = time.perf_counter() - start
         return sum(min(c[0].num_tokens + (0 if c[0].truncated else 1), args.max_new_tokens) for c in done) / wall
 
-    results = {"plain fp32 generate": [], f"HFGenerator ({bf16.describe()['dtype']})": []}
+    # the training policy: LoRA r16 on all linear layers (B random, as after some updates), generated from unmerged
+    # (TRL's HF path on the training model) or from the merged bf16 copy (rollout_dtype auto)
+    policy = apply_lora(load_policy("embedded:smollm2-135m")[0], make_lora_config(16))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1e-3)
+    policy.eval()
+    copy = MergedRolloutCopy(policy)
+    copy.sync()
+    variants = {
+        "plain fp32 `model.generate`": lambda: plain(model),
+        "HFGenerator fp32 (sorted batching)": lambda: ours(generators["float32"]),
+        f"HFGenerator {generators['auto'].describe()['dtype']} (evaluation path)": lambda: ours(generators["auto"]),
+        "training policy, LoRA unmerged, fp32 (rollout_dtype model)": lambda: plain(policy),
+        "training policy, merged bf16 copy (rollout_dtype auto)": lambda: plain(copy.model),
+    }
+    results: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved
-        results["plain fp32 generate"].append(plain())
-        results[f"HFGenerator ({bf16.describe()['dtype']})"].append(ours())
-    base = statistics.median(results["plain fp32 generate"])
-    print(f"batch {args.batch}, <= {args.max_new_tokens} new tokens, greedy, avx512_bf16: {cpu_supports_bf16()}")
+        for name, fn in variants.items():
+            results[name].append(fn())
+    start = time.perf_counter()
+    copy.sync()
+    sync_s = time.perf_counter() - start
+    base = statistics.median(results["plain fp32 `model.generate`"])
+    print(f"batch {args.batch}, <= {args.max_new_tokens} new tokens, greedy, avx512_bf16: {cpu_supports_bf16()}; "
+          f"one copy sync {sync_s:.2f} s")  # fmt: skip
+    print("| path | useful tokens/s (median) | min-max | vs plain |")
+    print("|---|---|---|---|")
     for name, values in results.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:.1f} tok/s | {min(values):.1f}-{max(values):.1f} | x{med / base:.2f} |")
+        print(f"| {name} | {med:.1f} | {min(values):.1f}-{max(values):.1f} | x{med / base:.2f} |")
 
 
 if __name__ == "__main__":

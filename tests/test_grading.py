@@ -61,6 +61,10 @@ def grader():
         (r"The final answer is $\frac{3}{4}$. I hope it is correct.", Extraction(r"\frac{3}{4}", "answer_is")),
         ("Final Answer: 3.5.", Extraction("3.5", "answer_is")),
         ("**Answer:** **73**", Extraction("73", "answer_is")),
+        ("So the answer is 1,234 dollars.", Extraction("1234", "answer_is")),  # unit words dropped
+        ("The answer is $18 per day.", Extraction("18", "answer_is")),
+        ("The answer is 2 and 3", Extraction("2 and 3", "answer_is")),  # not a number with a unit: kept
+        ("The answer is x = 5", Extraction("x = 5", "answer_is")),
         ("She has 3 boxes, so 1,234 apples in all", Extraction("1234", "last_number")),
         ("x equals -3 here", Extraction("-3", "last_number")),
         ("5-3=2", Extraction("2", "last_number")),

@@ -123,8 +123,8 @@ class ZeroSiamConfig(DistillationConfig):
     token_chunk_size: int | None = field(
         default=None,
         metadata={
-            "help": "Tokens per loss chunk: the loss holds 2 fp32 [chunk, vocab] logit tiles (Tent 1), whatever the "
-            "sequence length. None = as many tokens as fit 128 MiB per tile (e.g. 682 at V = 49152)."
+            "help": "Most tokens per loss chunk (chunks are made equal): the loss holds 2 fp32 [chunk, vocab] logit "
+            "tiles (Tent 1), whatever the sequence length. None = as many as fit 128 MiB per tile (682 at V = 49152)."
         },
     )
     vocab_chunk_size: int = field(

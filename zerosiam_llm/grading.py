@@ -163,6 +163,10 @@ def _clean_answer_is(rest: str) -> str | None:
     # Cut at the end of the sentence: ". " followed by more text; a decimal point (3.5) is not followed by a space.
     line = re.split(r"\.\s", line, maxsplit=1)[0]
     line = line.strip(" \t*$").rstrip(".;,").strip(" \t*$")  # markdown bold **42**, stray $
+    # "1,234 dollars", "$18 per day", "12 square units": the number without its unit words
+    with_unit = re.fullmatch(rf"\$?\s*({_NUMBER_RE.pattern})\s+[A-Za-z][A-Za-z ]*", line)
+    if with_unit is not None:
+        return re.sub(r"[,\s]", "", with_unit.group(1))
     return line or None
 
 

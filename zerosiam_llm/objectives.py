@@ -101,7 +101,8 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
     if not siamese:
         w_ro = w_or = 0.0  # the divergences are identically 0 without a second branch
     inv_t = 1.0 / temperature
-    rows = min(n, token_chunk or max(1, _TILE_BYTES // (vocab * _itemsize(dtype))))
+    most = token_chunk or max(1, _TILE_BYTES // (vocab * _itemsize(dtype)))
+    rows = -(-n // -(-n // most))  # equal chunks of at most `most` rows: a thin last chunk makes a slow GEMM
     # the only [tokens, vocab] memory: 2 tiles (1 for Tent) plus 2 small row-block scratch buffers
     tile_o = torch.empty(rows, vocab, dtype=dtype, device=device)
     tile_r = torch.empty(rows, vocab, dtype=dtype, device=device) if siamese else None
@@ -233,7 +234,8 @@ def siamese_entropy(
     rows H(p_o), KL(r||o), KL(o||r), H(p_r), squared L2 norm of the raw target logits ``W h``, the target branch's
     top-1 probability and the logsumexp of its (tempered) logits. ``h_target`` is detached: the target branch never
     receives a gradient. ``h_target=None`` is Tent: one branch, both divergences 0, H(p_r) = H(p_o).
-    ``token_chunk=None`` sizes the chunk so one fp32 ``[chunk, V]`` tile takes 128 MiB.
+    ``token_chunk`` is the most tokens per chunk (the chunks are made equal); ``None``: as many as fit one fp32
+    ``[chunk, V]`` tile in 128 MiB.
     """
     if temperature <= 0:
         raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
