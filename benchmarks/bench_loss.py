@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from paired import print_paired
+
 VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "naive-tent", "naive-zerosiam")
 
 
@@ -114,14 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.paired:
         times = run_paired(["tent", "zerosiam"], args.batch, args.length, args.prompt, args.paired)
-        ratios = [z / t for t, z in zip(times["tent"], times["zerosiam"], strict=True)]
         print(f"\npaired in one process, {args.paired} alternating steps each, {args.batch} x {args.length} tokens")
-        print("| variant | median s | min-max s |")
-        print("|---|---|---|")
-        for variant, ts in times.items():
-            print(f"| {variant} | {statistics.median(ts):.2f} | {min(ts):.2f}-{max(ts):.2f} |")
-        print(f"zerosiam / tent per step pair: median {statistics.median(ratios):.3f}, "
-              f"min-max {min(ratios):.3f}-{max(ratios):.3f}")  # fmt: skip
+        print_paired(times, "step")
         return
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.batch, args.length, args.prompt, args.steps)))

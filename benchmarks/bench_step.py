@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from paired import print_paired
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("tent", "zerosiam")
 
@@ -116,15 +118,9 @@ def main() -> None:
     if args.paired:
         times = run_paired(args.paired, args.max_new_tokens)
         kept = {m: ts[args.skip_first :] for m, ts in times.items()}
-        ratios = [z / t for t, z in zip(kept["tent"], kept["zerosiam"], strict=True)]
         print(f"\npaired in one process: {args.paired} stream batches of 8 (first {args.skip_first} left out), greedy "
               f"<= {args.max_new_tokens} tokens; a step = copy sync + generate + loss fwd/bwd + AdamW")  # fmt: skip
-        print("| method | median s per batch | min-max s |")
-        print("|---|---|---|")
-        for method, ts in kept.items():
-            print(f"| {method} | {statistics.median(ts):.2f} | {min(ts):.2f}-{max(ts):.2f} |")
-        print(f"zerosiam / tent per batch: median {statistics.median(ratios):.3f}, "
-              f"min-max {min(ratios):.3f}-{max(ratios):.3f}")  # fmt: skip
+        print_paired(kept, "batch")
         return
     methods = args.methods.split(",")
     results: dict[tuple[float, str], list[dict]] = {}
