@@ -104,6 +104,28 @@ def test_gradcheck_fused_function():
     assert torch.autograd.gradcheck(f, (h_o,), eps=1e-6, atol=1e-6)
 
 
+def test_reduced_precision_fp32_matmuls_are_not_used_inside_the_loss():
+    """A process that allows TF32 / bf16-internal fp32 GEMMs still gets full fp32 logits in the loss (a near-identity
+    predictor's z_o - z_r would otherwise be rounded away), and its setting is restored afterwards."""
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 32, 256, generator=g)  # large enough for the CPU's bf16-internal GEMM path
+    weight = torch.randn(4096, 256, generator=g) * 0.1
+    mask = torch.ones(2, 32, dtype=torch.bool)
+    pred = Predictor(256, "full")
+    with torch.no_grad():
+        pred.delta.normal_(0, 1e-4, generator=g)  # near the identity, as after a few steps
+    exact = zerosiam_loss(hidden, mask, weight, pred)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        lowered = zerosiam_loss(hidden, mask, weight, pred)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert lowered.loss.item() == exact.loss.item()
+    assert lowered.kl_target_online == exact.kl_target_online
+
+
 def test_no_gradient_work_without_grad_and_upstream_scale_applies():
     hidden, weight, mask = _inputs(seed=6, dtype=torch.float64)
     h = hidden[mask]

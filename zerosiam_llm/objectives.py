@@ -19,7 +19,7 @@ the inputs are fp64) whatever the model dtype.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +77,7 @@ class _FusedSiameseEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad, gather):  # type: ignore[override]
         # `gather` (ZeRO-3) materialises a sharded head weight for the duration of the pass
-        with gather():
+        with gather(), _full_fp32_matmuls():
             total, stats, grad = _fused_pass(
                 h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad
             )
@@ -177,6 +177,24 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
 _TILE_BYTES = 128 * 2**20  # default logits tile when no token chunk is given
 _CPU_BLOCK_BYTES = 2 * 2**20  # row blocks of the elementwise passes stay in cache on CPU
 _GPU_BLOCK_BYTES = 32 * 2**20  # on GPU, fewer and larger kernels
+
+
+@contextlib.contextmanager
+def _full_fp32_matmuls() -> Iterator[None]:
+    """Full-precision fp32 GEMMs inside the loss, whatever the process asked for elsewhere.
+
+    TF32 (``tf32: true``, ``torch.set_float32_matmul_precision("high")``) or bf16-internal fp32 matmuls keep ~10
+    mantissa bits: enough to erase the difference between ``P(h)`` and ``h`` while the predictor is near the identity.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
