@@ -72,11 +72,13 @@ def measure(variant: str, n: int, device: str, dtype: str, token_chunk: int | No
     return {"variant": variant, "n": n, "extra_mib": peak - before}
 
 
-def chunk_mib(token_chunk: int | None) -> float:
-    from zerosiam_llm import objectives
+def chunk_mib(n: int, token_chunk: int | None) -> float:
+    """One chunk of logits as the loss sizes it for ``n`` tokens (fp32)."""
+    import torch
 
-    rows = token_chunk or objectives._TILE_BYTES // (V * 4)
-    return rows * V * 4 / 2**20
+    from zerosiam_llm.objectives import chunk_rows
+
+    return chunk_rows(n, V, torch.float32, token_chunk) * V * 4 / 2**20
 
 
 def main() -> None:
@@ -104,16 +106,16 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             rows.append(json.loads(out))
             print(rows[-1], file=sys.stderr)
-    chunk = chunk_mib(args.token_chunk)
-    print(f"\nZeroSiam loss fwd+bwd, head d={D} V={V}, {args.device} {args.dtype}, one logits chunk {chunk:.0f} MiB")
-    print("| N tokens | fused extra MiB | floor (O(N d)) MiB | fused - floor, in chunks | naive extra MiB |")
-    print("|---|---|---|---|---|")
+    print(f"\nZeroSiam loss fwd+bwd, head d={D} V={V}, {args.device} {args.dtype}")
+    print("| N tokens | one chunk MiB | fused extra MiB | floor MiB | fused - floor, in chunks | naive extra MiB |")
+    print("|---|---|---|---|---|---|")
     for n in map(int, args.ns.split(",")):
         fused, floor, naive = (next(r for r in rows if r["n"] == n and r["variant"] == v) for v in VARIANTS)
         nv = f"not run (would need ~{n * V * 4 * 5 / 2**30:.0f} GiB)" if naive["extra_mib"] is None else \
             f"{naive['extra_mib']:.0f}"  # fmt: skip
+        chunk = chunk_mib(n, args.token_chunk)
         logits = (fused["extra_mib"] - floor["extra_mib"]) / chunk
-        print(f"| {n} | {fused['extra_mib']:.0f} | {floor['extra_mib']:.0f} | {logits:.2f} | {nv} |")
+        print(f"| {n} | {chunk:.0f} | {fused['extra_mib']:.0f} | {floor['extra_mib']:.0f} | {logits:.2f} | {nv} |")
 
 if __name__ == "__main__":
     main()

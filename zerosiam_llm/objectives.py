@@ -101,12 +101,11 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
     if not siamese:
         w_ro = w_or = 0.0  # the divergences are identically 0 without a second branch
     inv_t = 1.0 / temperature
-    most = token_chunk or max(1, _TILE_BYTES // (vocab * _itemsize(dtype)))
-    rows = -(-n // -(-n // most))  # equal chunks of at most `most` rows: a thin last chunk makes a slow GEMM
+    rows = chunk_rows(n, vocab, dtype, token_chunk)
     # the only [tokens, vocab] memory: 2 tiles (1 for Tent) plus 2 small row-block scratch buffers
     tile_o = torch.empty(rows, vocab, dtype=dtype, device=device)
     tile_r = torch.empty(rows, vocab, dtype=dtype, device=device) if siamese else None
-    block = max(1, min(rows, _block_bytes(device) // (vocab * _itemsize(dtype))))
+    block = max(1, min(rows, _block_bytes(device) // (vocab * dtype.itemsize)))
     scratch_o = torch.empty(block, vocab, dtype=dtype, device=device)
     scratch_r = torch.empty(block, vocab, dtype=dtype, device=device) if siamese else None
     stats = torch.empty(7, n, dtype=dtype, device=device)  # H_o, KL(r||o), KL(o||r), H_r, ||W h||^2, top-1, lse_r
@@ -197,8 +196,11 @@ def _full_fp32_matmuls() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def chunk_rows(n: int, vocab: int, dtype: torch.dtype = torch.float32, token_chunk: int | None = None) -> int:
+    """Tokens per chunk of the loss over ``n`` tokens: equal chunks (a thin last chunk makes a slow GEMM) of at most
+    ``token_chunk`` tokens, or of as many as fit one ``[chunk, vocab]`` tile of ``dtype`` in 128 MiB."""
+    most = token_chunk or max(1, _TILE_BYTES // (vocab * dtype.itemsize))
+    return -(-n // -(-n // most))
 
 
 def _block_bytes(device: torch.device) -> int:
@@ -259,7 +261,7 @@ def siamese_entropy(
         raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
     if weight.requires_grad:
         raise UserInputError("the LM head must be frozen: its weight requires grad")
-    if token_chunk is not None and token_chunk < 1 or vocab_chunk < 1:
+    if (token_chunk is not None and token_chunk < 1) or vocab_chunk < 1:
         raise UserInputError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}")
     target = h_target.detach() if h_target is not None else None
     want_grad = torch.is_grad_enabled() and h_online.requires_grad

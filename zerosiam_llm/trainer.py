@@ -150,7 +150,7 @@ class ZeroSiamTrainer(DistillationTrainer):
         return MergedRolloutCopy(model, "bfloat16")
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        if self._rollout_copy is None or self.use_vllm or images is not None:
+        if self._rollout_copy is None or images is not None:  # no copy under vLLM (see _make_rollout_copy)
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
         # TRL generates from `self.model_wrapped`: point it at the merged bf16 copy for this call only
         self._rollout_copy.sync()
