@@ -116,7 +116,14 @@ class ZeroSiamConfig(DistillationConfig):
     optimizer: str = field(
         default="adamw", metadata={"help": "adamw, or sgd (with momentum; the paper's vision setting)."}
     )
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (optimizer: sgd)."})
+    predictor_optimizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optimizer of the predictor group: adamw, or sgd (with momentum, as the paper's code trains it); "
+            "None = the same as optimizer."
+        },
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (optimizer or predictor_optimizer: sgd)."})
     loss_temperature: float = field(
         default=1.0, metadata={"help": "Temperature of the loss softmax (not the sampling temperature). > 0."}
     )
@@ -294,6 +301,10 @@ class ZeroSiamConfig(DistillationConfig):
         return self.method == "zerosiam"
 
     @property
+    def resolved_predictor_optimizer(self) -> str:
+        return self.predictor_optimizer or self.optimizer
+
+    @property
     def resolved_predictor_learning_rate(self) -> float:
         if self.predictor_learning_rate is not None:
             return self.predictor_learning_rate
@@ -305,6 +316,7 @@ class ZeroSiamConfig(DistillationConfig):
             "predictor": PREDICTOR_FORMS,
             "protocol": PROTOCOLS,
             "optimizer": OPTIMIZERS,
+            "predictor_optimizer": (None, *OPTIMIZERS),
             "instruction_placement": INSTRUCTION_PLACEMENTS,
             "long_prompt": LONG_PROMPT_POLICIES,
             "answer_style": GOLD_STYLES,
@@ -313,7 +325,8 @@ class ZeroSiamConfig(DistillationConfig):
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
+                allowed_text = ", ".join("null" if a is None else a for a in allowed)
+                raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {allowed_text}")
         positive = ["loss_temperature", "vocab_chunk_size", "lora_r", "monitor_every"]
         positive += ["num_rollouts", "per_device_train_batch_size", "predictor_rank", "predictor_lr_ratio"]
         positive += ["steps_per_batch"]

@@ -159,6 +159,49 @@ def collapse_table(run_dirs: Sequence[str | Path], labels: Sequence[str] | None 
     return "\n".join(lines) + "\n"
 
 
+def plot_stability_map(
+    summary: Sequence[dict],
+    streams: Sequence[str],
+    configs: Sequence[str],
+    learning_rates: Sequence[float],
+    output: str | Path,
+) -> Path:
+    """Heat map per stream: learning rate across, configuration down, colour = share of seeds healthy; each cell
+    prints healthy/seeds and, under it, how many seeds were degraded (D) or collapsed (C)."""
+    from matplotlib.figure import Figure
+
+    output = Path(output)
+    by_key = {(r["stream"], r["config"], r["learning_rate"]): r for r in summary}
+    fig = Figure(figsize=(1.2 + 1.15 * len(learning_rates) * len(streams), 0.9 + 0.55 * len(configs)),
+                 layout="constrained")  # fmt: skip
+    axes = fig.subplots(1, len(streams), squeeze=False).ravel()
+    image = None
+    for ax, stream in zip(axes, streams, strict=True):
+        share = [[math.nan] * len(learning_rates) for _ in configs]
+        for i, config in enumerate(configs):
+            for j, lr in enumerate(learning_rates):
+                r = by_key.get((stream, config, lr))
+                if r is None or not r["finished"]:
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.4")
+                    continue
+                share[i][j] = r["healthy"] / r["finished"]
+                verdicts = [v.split(" ")[0] for v in r["verdicts"]]
+                detail = f"{verdicts.count('degraded')}D {verdicts.count('collapsed')}C"
+                partial = "" if r["finished"] == r["seeds"] else f" of {r['finished']}"
+                ax.text(j, i, f"{r['healthy']}/{r['seeds']}{partial}\n{detail}", ha="center", va="center",
+                        fontsize=8)  # fmt: skip
+        image = ax.imshow(share, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(learning_rates)), [f"{lr:g}" for lr in learning_rates], fontsize=8)
+        ax.set_yticks(range(len(configs)), list(configs) if ax is axes[0] else [""] * len(configs), fontsize=8)
+        ax.set_xlabel("LoRA learning rate", fontsize=8)
+        ax.set_title(stream, fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="share of seeds healthy", shrink=0.9)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format=output.suffix.lstrip(".") or "png", dpi=120)
+    return output
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2, through run_cli
         raise UserInputError(message)

@@ -4,7 +4,7 @@ TRL does the rollouts (HF ``generate``, vLLM colocate or server, LoRA-merged wei
 DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what ZeroSiam needs:
 
 - ``_compute_loss``: backbone hidden states -> chunked ZeroSiam / Tent objective (``objectives.py``);
-- ``create_optimizer``: LoRA and predictor parameter groups (AdamW or SGD-momentum), predictor lr of its own;
+- ``create_optimizer``: LoRA and predictor parameter groups, each AdamW or SGD-momentum, predictor lr of its own;
 - ``_clip_grad_norm`` / ``_get_grad_norm``: per-group clipping and per-group grad-norm logs;
 - ``_save`` / ``_load_from_checkpoint``: the predictor sidecar next to the normal peft adapter;
 - ``_get_train_sampler``: k rollouts per prompt (offline protocol);
@@ -33,6 +33,7 @@ from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, atomic_path, atomic_write_json, read_jsonl
 from zerosiam_llm.monitor import CollapseGuard, answer_dominance, base_model_nll, parse_guard_rules, repetition_stats
 from zerosiam_llm.objectives import zerosiam_loss
+from zerosiam_llm.optimizers import AdamWWithSGDGroups
 from zerosiam_llm.policy import PREDICTOR_ATTRIBUTE, attach_predictor, causal_lm, get_predictor, lm_head_weight
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
 from zerosiam_llm.rollout import MergedRolloutCopy, cpu_supports_bf16
@@ -408,12 +409,16 @@ class ZeroSiamTrainer(DistillationTrainer):
                     "group": "predictor",
                 }
             )
-        if args.optimizer == "sgd":
+        algorithms = {"lora": args.optimizer, "predictor": args.resolved_predictor_optimizer}
+        for group in groups:
+            group["algorithm"] = algorithms[group["group"]]
+        if all(group["algorithm"] == "sgd" for group in groups):
             self.optimizer = torch.optim.SGD(groups, lr=args.learning_rate, momentum=args.momentum)
-        else:
-            self.optimizer = torch.optim.AdamW(
-                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-            )
+        else:  # AdamW, with an SGD-momentum step for a group that asks for it (e.g. the paper's predictor)
+            self.optimizer = AdamWWithSGDGroups(
+                groups, momentum=args.momentum, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+            )  # fmt: skip
         return self.optimizer
 
     def _per_group_norms(self, model, clip: bool) -> float:

@@ -1,0 +1,14 @@
+"""Stability map: methods x learning rates x seeds on the online protocol, each run classified healthy / degraded /
+collapsed (see ``zerosiam_llm/stability.py`` and the README's "Stability" section).
+
+    python scripts/stability_map.py --grid recipes/stability/final.yaml --data_dir ../shared/data \
+        --output_dir outputs/stability
+"""
+
+import sys
+from pathlib import Path
+
+from zerosiam_llm.stability import main
+
+if __name__ == "__main__":
+    sys.exit(main(train_script=Path(__file__).resolve().parents[1] / "train.py"))
