@@ -45,6 +45,7 @@ from zerosiam_llm.monitor import DEFAULT_GUARD_RULES, GuardEvent, parse_guard_ru
 VERDICTS = ("healthy", "degraded", "collapsed")
 FINAL_WINDOW = 3  # "final" values: the mean over the last 3 updates (one update is 8 answers: noisy)
 CELL_FILE = "cell.json"
+RUN_DIR = "run"  # the cell's train.py output_dir; cell.json, cell_args.json and train.log sit beside it
 METRICS_FILE = "metrics.jsonl"
 STREAM_SUMMARY = "stream_summary.json"
 
@@ -291,8 +292,8 @@ def run_metrics(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | 
 
 
 def _stream_dir(cell_dir: Path) -> Path | None:
-    """The online run writes one folder per stream inside its output_dir: the one with metrics.jsonl."""
-    found = sorted(p.parent for p in cell_dir.glob(f"*/{METRICS_FILE}"))
+    """The online run (``cell_dir/run``) writes one folder per stream: the one with metrics.jsonl."""
+    found = sorted(p.parent for p in (cell_dir / RUN_DIR).glob(f"*/{METRICS_FILE}"))
     return found[0] if found else None
 
 
@@ -376,7 +377,7 @@ def run_grid(
         bar.update(done_before)
         log = cell_dir / "train.log"
         with open(log, "ab") as log_file:
-            proc = subprocess.Popen([*train_command, *args, "--output_dir", str(cell_dir)], stdout=log_file,
+            proc = subprocess.Popen([*train_command, *args, "--output_dir", str(cell_dir / RUN_DIR)], stdout=log_file,
                                     stderr=subprocess.STDOUT, env=env)  # fmt: skip
             seen = done_before
             while proc.poll() is None:
