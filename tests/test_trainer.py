@@ -315,3 +315,21 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, monkey
     state = adapter_state(out)  # every update was skipped: the adapter is the fresh one (B = 0), all finite
     assert all(torch.isfinite(v).all() for v in state.values())
     assert all(v.abs().sum() == 0 for k, v in state.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("predictor_optimizer", ["sgd", "adamw"])
+def test_predictor_optimizer(tiny_model_dir, tmp_path, predictor_optimizer):
+    """SGD moves the predictor by at most lr x the clipped gradient norm (1.0) on its first step; AdamW by about
+    lr x sqrt(d^2) = lr x d (every entry by ~lr). The LoRA group stays AdamW either way."""
+    out = tmp_path / predictor_optimizer
+    lr = 1e-3  # predictor lr: 10 x 1e-4
+    assert run(tiny_args(tiny_model_dir, out, "--predictor_optimizer", predictor_optimizer,
+                         "--learning_rate", 1e-4)) == 0  # fmt: skip
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+    moved = metrics[1]["zerosiam/predictor_deviation"]  # logged at step 2: after one update
+    if predictor_optimizer == "sgd":
+        assert 0 < moved <= lr * 1.0 + 1e-7
+    else:
+        assert moved > 10 * lr  # d = 64: about 64 x lr
+    with open(out / "resolved_config.yaml") as f:
+        assert f"predictor_optimizer: {predictor_optimizer}" in f.read()

@@ -175,6 +175,8 @@ def load_grid(path: str | os.PathLike) -> Grid:
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in lrs
     ):
         raise UserInputError(f"grid file {path}: learning_rates must be a list of numbers > 0, got {lrs!r}")
+    if len(set(lrs)) < len(lrs):
+        raise UserInputError(f"grid file {path}: learning_rates has a repeated value: {lrs!r}")
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise UserInputError(f"grid file {path}: seeds must be a list of integers, got {seeds!r}")

@@ -1,0 +1,250 @@
+"""The stability sweep: run classification, the healthy range, grid files, resume of a killed sweep."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.stability import (
+    CELL_FILE,
+    Cell,
+    classify_run,
+    figure_of_merit,
+    healthy_range,
+    load_grid,
+    main,
+    run_grid,
+    run_metrics,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train.py"
+
+HEALTHY = {
+    "loss": 1.0,
+    "zerosiam/entropy_target": 1.0,
+    "zerosiam/top1_above_099": 0.15,
+    "zerosiam/logit_norm_mean": 1400.0,
+    "monitor/repetition": 0.15,
+    "completions/answer_rate": 1.0,
+    "coherence/base_nll": 0.4,
+    "train/nonfinite_skipped": 0.0,
+}
+
+
+def history(n=16, **changes):
+    """``n`` step lines of a healthy run; ``changes`` maps a metric to ``(from_step, value)``."""
+    rows = []
+    for step in range(1, n + 1):
+        row = {"step": step, **HEALTHY}
+        for metric, (start, value) in changes.items():
+            if step >= start:
+                row[metric.replace("__", "/")] = value
+        rows.append(row)
+    return rows
+
+
+def test_healthy_run():
+    verdict = classify_run(history())
+    assert verdict == {"verdict": "healthy", "rule": None, "update": None, "events": []}
+
+
+# each default guard rule on its own: (metric, bad value from update 5, update at which the rule fires)
+RULES = [
+    ("zerosiam/entropy_target", 0.05, 7, "below 0.1"),  # for 3 steps
+    ("monitor/repetition", 0.6, 6, "above 0.5"),  # for 2 steps
+    ("completions/answer_rate", 0.1, 7, "below 0.25"),  # for 3 steps
+    ("coherence/base_nll", 1.3, 5, "above 3x its first value"),
+    ("zerosiam/logit_norm_mean", 2200.0, 5, "above 1.5x its first value"),
+    ("zerosiam/top1_above_099", 0.6, 5, "above 0.5"),
+    ("train/nonfinite_skipped", 1.0, 7, "above 0.5"),  # for 3 steps
+]
+
+
+@pytest.mark.parametrize("metric,value,update,condition", RULES)
+def test_each_rule_degrades(metric, value, update, condition):
+    verdict = classify_run(history(**{metric.replace("/", "__"): (5, value)}))
+    assert verdict["verdict"] == "degraded"
+    assert verdict["rule"] == f"{metric} {condition}"
+    assert verdict["update"] == update
+    assert verdict["events"]
+
+
+def test_first_rule_that_fired_is_named():
+    rows = history(zerosiam__top1_above_099=(9, 0.7), monitor__repetition=(4, 0.6))
+    verdict = classify_run(rows)
+    assert (verdict["rule"], verdict["update"]) == ("monitor/repetition above 0.5", 5)
+
+
+def test_collapse_with_loops():
+    # Tent at lr 1e-3 on this model: entropy ~0, one token, looping completions that still end in a number
+    rows = history(
+        zerosiam__entropy_target=(6, 0.003), zerosiam__top1_above_099=(6, 0.99), monitor__repetition=(6, 0.67)
+    )
+    assert classify_run(rows)["verdict"] == "collapsed"
+
+
+def test_collapse_without_answers():
+    rows = history(
+        zerosiam__entropy_target=(6, 0.01), zerosiam__top1_above_099=(6, 0.95), completions__answer_rate=(6, 0.0)
+    )
+    assert classify_run(rows)["verdict"] == "collapsed"
+
+
+def test_low_entropy_alone_is_not_collapse():
+    # confident but still answering without loops: degraded (the entropy rule fired), not collapsed
+    rows = history(zerosiam__entropy_target=(6, 0.01), zerosiam__top1_above_099=(6, 0.95))
+    assert classify_run(rows)["verdict"] == "degraded"
+
+
+def test_collapse_is_judged_on_the_final_updates():
+    rows = history(
+        zerosiam__entropy_target=(6, 0.01), zerosiam__top1_above_099=(6, 0.95), monitor__repetition=(6, 0.7)
+    )
+    for row in rows[-3:]:  # recovered at the end
+        row.update(HEALTHY)
+    assert classify_run(rows)["verdict"] == "degraded"
+
+
+def test_no_updates_is_an_error():
+    with pytest.raises(UserInputError, match="no logged updates"):
+        classify_run([{"step": 1}])
+
+
+def test_run_metrics_final_window_and_ratios():
+    rows = history(zerosiam__logit_norm_mean=(14, 2800.0), coherence__base_nll=(15, 0.8))
+    out = run_metrics(rows, {"problems": 128, "graded": 128, "correct": 12})
+    assert out["updates"] == 16
+    assert out["logit_norm_ratio"] == pytest.approx(2.0)  # last 3 all 2800 / first 1400
+    assert out["base_nll_ratio"] == pytest.approx((0.4 + 0.8 + 0.8) / 3 / 0.4)
+    assert out["entropy_final"] == pytest.approx(1.0)
+    assert out["correct"] == 12
+
+
+def _row(config, lr, healthy, seeds=3, correct=10, graded=100):
+    return {"stream": "arithmetic", "config": config, "learning_rate": lr, "seeds": seeds, "finished": seeds,
+            "healthy": healthy, "correct": correct, "graded": graded}  # fmt: skip
+
+
+LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+
+
+def test_healthy_range_is_the_widest_run_of_all_seed_healthy_points():
+    rows = [_row("z", 1e-4, 3), _row("z", 3e-4, 2), _row("z", 1e-3, 3), _row("z", 3e-3, 3)]
+    rng = healthy_range(rows, LRS)
+    assert (rng["low"], rng["high"], rng["points"]) == (1e-3, 3e-3, 2)
+    assert rng["width"] == pytest.approx(9.0)  # grid step 3 x 3e-3 / 1e-3
+    assert healthy_range([_row("z", lr, 2) for lr in LRS], LRS)["width"] == 0.0
+    unfinished = dict(_row("z", 1e-4, 1, seeds=3), finished=1)  # 1 of 3 seeds run: not (yet) healthy
+    assert healthy_range([unfinished], LRS)["points"] == 0
+
+
+def test_figure_of_merit_against_the_baseline(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "recipe": "smollm2-135m-online-cpu", "learning_rates": LRS, "seeds": [0, 1, 2], "streams": ["arithmetic"],
+        "baseline": "tent", "configs": {"tent": {"method": "tent"}, "zs": {"method": "zerosiam"}},
+    }))  # fmt: skip
+    grid = load_grid(grid_file)
+    summary = [_row("tent", 1e-4, 3, correct=5), _row("tent", 3e-4, 1), _row("tent", 1e-3, 0), _row("tent", 3e-3, 0)]
+    summary += [
+        _row("zs", 1e-4, 3, correct=6),
+        _row("zs", 3e-4, 3, correct=8),
+        _row("zs", 1e-3, 3),
+        _row("zs", 3e-3, 0),
+    ]
+    merit = {m["config"]: m for m in figure_of_merit(grid, summary)}
+    assert merit["tent"]["width"] == pytest.approx(3.0)
+    assert merit["zs"]["width"] == pytest.approx(30.0)
+    assert merit["zs"]["width_vs_baseline"] == pytest.approx(10.0)
+    assert merit["zs"]["correct"] == 6 + 8 + 10 and merit["zs"]["graded"] == 300
+    never = [dict(r, healthy=0) if r["config"] == "tent" else r for r in summary]
+    assert {m["config"]: m for m in figure_of_merit(grid, never)}["zs"]["width_vs_baseline"] == math.inf
+
+
+def _write_grid(path: Path, model_dir: Path, configs: dict, **extra) -> Path:
+    grid = {
+        "recipe": str(REPO / "recipes" / "smollm2-135m-online-cpu.yaml"),
+        "batches": 2, "stream_batch_size": 2, "learning_rates": [1e-3], "seeds": [0], "streams": ["arithmetic"],
+        "baseline": "tent", "configs": configs,
+        "overrides": {"model": str(model_dir), "max_completion_length": 6, "base_nll_every": 1},
+        **extra,
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"learning_rates": [1e-3, -1]}, "learning_rates must be a list of numbers > 0"),
+        ({"learning_rates": [1e-3, 1e-3]}, "learning_rates has a repeated value"),
+        ({"streams": ["math"]}, "streams must be a list from arithmetic, gsm8k"),
+        ({"seeds": ["a"]}, "seeds must be a list of integers"),
+        ({"baseline": "sar"}, "baseline 'sar' is not one of the configs"),
+        ({"batches": 0}, "batches must be an integer >= 1"),
+        ({"colour": 1}, "'colour' is not a grid field"),
+        ({"configs": {"a/b": {}}}, "config name 'a/b' must be a plain folder name"),
+    ],
+)
+def test_bad_grid_files(tmp_path, change, message):
+    change = dict(change)
+    configs = change.pop("configs", {"tent": {"method": "tent"}})
+    path = _write_grid(tmp_path / "g.yaml", tmp_path, configs, **change)
+    with pytest.raises(UserInputError, match=message):
+        load_grid(path)
+
+
+def test_bad_grid_through_the_command_line(tmp_path, capsys):
+    path = _write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}}, seeds=[])
+    assert main(TRAIN, ["--grid", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: grid file {path}: seeds is missing or empty"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gsm8k_stream_needs_data_dir(tmp_path):
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}}, streams=["gsm8k"]))
+    with pytest.raises(UserInputError, match="gsm8k stream needs --data_dir"):
+        run_grid(grid, tmp_path / "out", [sys.executable, str(TRAIN)])
+
+
+def test_sweep_runs_classifies_and_resumes(tiny_model_dir, tmp_path):
+    configs = {"tent": {"method": "tent"}, "zerosiam-sgd": {"method": "zerosiam", "predictor_optimizer": "sgd"}}
+    grid = load_grid(_write_grid(tmp_path / "grid.yaml", tiny_model_dir, configs))
+    out = tmp_path / "out"
+    command = [sys.executable, str(TRAIN)]
+    records = run_grid(grid, out, command, poll_seconds=0.2)
+    tent, zs = Cell("arithmetic", "tent", 1e-3, 0), Cell("arithmetic", "zerosiam-sgd", 1e-3, 0)
+    assert set(records) == {tent, zs}
+    for cell in (tent, zs):
+        record = json.loads((cell.folder(out) / CELL_FILE).read_text())
+        assert record["verdict"] in ("healthy", "degraded", "collapsed")
+        assert record["updates"] == 2 and record["problems"] == 4
+    report = (out / "stability.md").read_text()
+    assert "| arithmetic | zerosiam-sgd | 0.001 | " in report
+    data = json.loads((out / "stability.json").read_text())
+    assert len(data["cells"]) == 2 and {m["config"] for m in data["healthy_range"]} == {"tent", "zerosiam-sgd"}
+    assert (out / "stability.png").stat().st_size > 0
+
+    # a killed sweep: tent finished, zerosiam-sgd did not (no cell.json, its run half there)
+    tent_log = (tent.folder(out) / "train.log").stat().st_size
+    (zs.folder(out) / CELL_FILE).unlink()
+    for path in (zs.folder(out) / "run" / "arithmetic").glob("stream_summary.json"):
+        path.unlink()
+    predictions = (zs.folder(out) / "run" / "arithmetic" / "predictions.jsonl").read_text().splitlines()
+    records = run_grid(grid, out, command, poll_seconds=0.2)
+    assert (tent.folder(out) / "train.log").stat().st_size == tent_log  # finished cell: not run again
+    assert (zs.folder(out) / CELL_FILE).is_file() and set(records) == {tent, zs}
+    again = (zs.folder(out) / "run" / "arithmetic" / "predictions.jsonl").read_text().splitlines()
+    assert again == predictions  # resumed: nothing predicted twice
+
+    # the same config name with other settings is refused before any work
+    configs["zerosiam-sgd"]["alpha"] = 2.0
+    changed = load_grid(_write_grid(tmp_path / "grid.yaml", tiny_model_dir, configs))
+    with pytest.raises(UserInputError, match="was run with other settings"):
+        run_grid(changed, out, command)
