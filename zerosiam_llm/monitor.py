@@ -370,7 +370,7 @@ DEFAULT_GUARD_RULES: list[dict[str, Any]] = [
         "above_first_times": 1.5,
         "for_steps": 1,
         "action": "warn",
-        "note": "logit inflation, the cheap route to low entropy (both lr 1e-3 runs of scripts/collapse_study.py)",
+        "note": "logit inflation, the cheap route to low entropy (Tent from lr 1e-3 in the stability map)",
     },
     {
         "metric": "zerosiam/top1_above_099",

@@ -111,13 +111,13 @@ class Grid:
         self.learning_rates = sorted(self.learning_rates)  # reports: ascending
 
     def cells(self) -> list[Cell]:
-        """Run order: stream-major, then learning rate in the grid file's order, seed, configuration. The methods of
-        one lr and seed run together, so a sweep stopped early has compared them on the same cells."""
+        """Run order: seed-major, then stream, learning rate in the grid file's order, configuration. A sweep stopped
+        early has whole seeds of every stream, and has compared the methods on the same cells."""
         return [
             Cell(stream, config, lr, seed)
+            for seed in self.seeds
             for stream in self.streams
             for lr in self.run_order
-            for seed in self.seeds
             for config in self.configs
         ]
 
