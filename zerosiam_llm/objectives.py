@@ -307,7 +307,8 @@ def zerosiam_loss(
         raise UserInputError("the loss mask selects no position: every completion is empty or masked out")
     h = hidden[mask]  # compact first: prompt and padding rows never reach the head
     if predictor is not None:
-        h_online, h_target = predictor(h), h
+        with _full_fp32_matmuls():  # D h is tiny next to h near P = I: bf16-internal / TF32 GEMMs would distort it
+            h_online, h_target = predictor(h), h
     else:
         h_online, h_target = h, None
     total, stats = siamese_entropy(
