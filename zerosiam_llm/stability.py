@@ -414,6 +414,8 @@ def run_grid(
 def _verdict_text(record: Mapping[str, Any]) -> str:
     if record["verdict"] == "degraded":
         return f"degraded ({record['rule']}, update {record['update']})"
+    if record["verdict"] == "collapsed":
+        return f"collapsed (first rule at update {record['update']})"
     return record["verdict"]
 
 
