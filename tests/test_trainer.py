@@ -324,7 +324,7 @@ def test_predictor_optimizer(tiny_model_dir, tmp_path, predictor_optimizer):
     out = tmp_path / predictor_optimizer
     lr = 1e-3  # predictor lr: 10 x 1e-4
     assert run(tiny_args(tiny_model_dir, out, "--predictor_optimizer", predictor_optimizer,
-                         "--learning_rate", 1e-4)) == 0  # fmt: skip
+                         "--learning_rate", 1e-4, "--predictor_lr_ratio", 10)) == 0  # fmt: skip
     metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
     moved = metrics[1]["zerosiam/predictor_deviation"]  # logged at step 2: after one update
     if predictor_optimizer == "sgd":
