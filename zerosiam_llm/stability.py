@@ -111,13 +111,14 @@ class Grid:
         self.learning_rates = sorted(self.learning_rates)  # reports: ascending
 
     def cells(self) -> list[Cell]:
-        """Run order: seed-major, then stream, learning rate in the grid file's order, configuration. A sweep stopped
-        early has whole seeds of every stream, and has compared the methods on the same cells."""
+        """Run order: learning rate in the grid file's order, then seed, stream, configuration. List first the
+        learning rates where the methods part: a sweep stopped early has every seed and stream of those, with the
+        methods compared on the same cells."""
         return [
             Cell(stream, config, lr, seed)
+            for lr in self.run_order
             for seed in self.seeds
             for stream in self.streams
-            for lr in self.run_order
             for config in self.configs
         ]
 
