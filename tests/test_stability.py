@@ -19,6 +19,7 @@ from zerosiam_llm.stability import (
     main,
     run_grid,
     run_metrics,
+    summarise_cells,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,3 +249,23 @@ def test_sweep_runs_classifies_and_resumes(tiny_model_dir, tmp_path):
     changed = load_grid(_write_grid(tmp_path / "grid.yaml", tiny_model_dir, configs))
     with pytest.raises(UserInputError, match="was run with other settings"):
         run_grid(changed, out, command)
+
+
+def test_summary_pools_accuracy_and_takes_medians_over_seeds(tmp_path):
+    configs = {"tent": {"method": "tent"}}
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, configs, seeds=[0, 1, 2], batches=16))
+    verdicts = [("healthy", None), ("degraded", 5), ("collapsed", 3)]
+    records = {
+        Cell("arithmetic", "tent", 1e-3, seed): {
+            "verdict": verdict, "rule": None if update is None else "monitor/repetition above 0.5", "update": update,
+            "correct": seed, "graded": 4, "entropy_final": 0.1 * (seed + 1), "logit_norm_ratio": 1.0,
+            "repetition_final": 0.2, "base_nll_ratio": 1.0, "answer_rate_final": 1.0,
+        }
+        for seed, (verdict, update) in enumerate(verdicts)
+    }  # fmt: skip
+    (row,) = summarise_cells(grid, records)
+    assert (row["healthy"], row["finished"], row["seeds"]) == (1, 3, 3)
+    assert (row["correct"], row["graded"]) == (3, 12) and row["accuracy"] == 0.25
+    assert row["entropy_final"] == pytest.approx(0.2)
+    assert row["first_rule_update"] == 5  # median of 17 (healthy: outlasted 16 updates), 5 and 3
+    assert row["verdicts"][1] == "degraded (monitor/repetition above 0.5, update 5)"

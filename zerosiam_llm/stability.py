@@ -444,6 +444,9 @@ def summarise_cells(grid: Grid, records: Mapping[Cell, Mapping[str, Any]]) -> li
                 for key in ("entropy_final", "logit_norm_ratio", "repetition_final", "base_nll_ratio",
                             "answer_rate_final", "predictor_deviation_final"):  # fmt: skip
                     row[key] = _median([r.get(key) for r in runs])
+                # how long a run stayed clean: the update at which its first rule fired; a healthy run counts as
+                # batches + 1 (it outlasted the stream)
+                row["first_rule_update"] = _median([r["update"] or grid.batches + 1 for r in runs])
                 rows.append(row)
     return rows
 
@@ -524,6 +527,12 @@ def _pct(acc: Mapping[str, Any]) -> str:
     return f"{100 * acc['accuracy']:.1f} ({acc['correct']}/{acc['graded']}) [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _first_rule(update: float | None, batches: int) -> str:
+    if update is None:
+        return "-"
+    return f"> {batches}" if update > batches else f"{update:g}"
+
+
 def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         "# Stability map",
@@ -532,7 +541,8 @@ def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Seq
         f"per run (greedy predictions, one update per batch), seeds {', '.join(map(str, grid.seeds))}. Verdicts from "
         "the collapse guard's default rules replayed over each run's metrics (see `zerosiam_llm/stability.py`). Final "
         f"values are the mean of the last {FINAL_WINDOW} updates, ratios are final / first update; medians over "
-        "seeds. Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson interval.",
+        f'seeds, also of "first rule at" (the update at which a run\'s first guard rule fired; > {grid.batches}: '
+        "none fired). Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson interval.",
         "",
         "## Healthy learning-rate range",
         "",
@@ -551,15 +561,16 @@ def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Seq
         "",
         "## Cells",
         "",
-        "| stream | config | lr | healthy | verdicts | H(p_r) final | logit norm x | repetition | base NLL x "
-        "| answer rate | accuracy % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stream | config | lr | healthy | verdicts | first rule at | H(p_r) final | logit norm x | repetition "
+        "| base NLL x | answer rate | accuracy % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         verdicts = "; ".join(r["verdicts"]) if r["verdicts"] else "not run"
         healthy = f"{r['healthy']}/{r['seeds']}" + ("" if r["finished"] == r["seeds"] else f" ({r['finished']} run)")
         lines.append(
             f"| {r['stream']} | {r['config']} | {r['learning_rate']:g} | {healthy} | {verdicts} | "
+            f"{_first_rule(r['first_rule_update'], grid.batches)} | "
             f"{_f(r['entropy_final'])} | {_f(r['logit_norm_ratio'])} | {_f(r['repetition_final'])} | "
             f"{_f(r['base_nll_ratio'])} | {_f(r['answer_rate_final'])} | {_pct(r)} |"
         )
