@@ -165,14 +165,16 @@ def plot_stability_map(
     configs: Sequence[str],
     learning_rates: Sequence[float],
     output: str | Path,
+    batches: int | None = None,
 ) -> Path:
     """Heat map per stream: learning rate across, configuration down, colour = share of seeds healthy; each cell
-    prints healthy/seeds and, under it, how many seeds were degraded (D) or collapsed (C)."""
+    prints healthy/finished seeds (and how many are still to run), how many seeds were degraded (D) or collapsed (C), and the median update at which the
+    first guard rule fired (``rule @N``; ``clean`` when none fired in ``batches`` updates)."""
     from matplotlib.figure import Figure
 
     output = Path(output)
     by_key = {(r["stream"], r["config"], r["learning_rate"]): r for r in summary}
-    fig = Figure(figsize=(1.2 + 1.15 * len(learning_rates) * len(streams), 0.9 + 0.55 * len(configs)),
+    fig = Figure(figsize=(2.2 + 1.15 * len(learning_rates) * len(streams), 1.2 + 0.7 * len(configs)),
                  layout="constrained")  # fmt: skip
     axes = fig.subplots(1, len(streams), squeeze=False).ravel()
     image = None
@@ -187,8 +189,12 @@ def plot_stability_map(
                 share[i][j] = r["healthy"] / r["finished"]
                 verdicts = [v.split(" ")[0] for v in r["verdicts"]]
                 detail = f"{verdicts.count('degraded')}D {verdicts.count('collapsed')}C"
-                partial = "" if r["finished"] == r["seeds"] else f" of {r['finished']}"
-                ax.text(j, i, f"{r['healthy']}/{r['seeds']}{partial}\n{detail}", ha="center", va="center",
+                first = r.get("first_rule_update")
+                if first is not None:
+                    detail += "\nclean" if batches is not None and first > batches else f"\nrule @{first:g}"
+                todo = r["seeds"] - r["finished"]
+                partial = f" ({todo} to run)" if todo else ""
+                ax.text(j, i, f"{r['healthy']}/{r['finished']} healthy{partial}\n{detail}", ha="center", va="center",
                         fontsize=8)  # fmt: skip
         image = ax.imshow(share, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(learning_rates)), [f"{lr:g}" for lr in learning_rates], fontsize=8)

@@ -594,7 +594,7 @@ def write_report(grid: Grid, records: Mapping[Cell, Mapping[str, Any]], output_d
     atomic_write_text(output_dir / "stability.json", json.dumps(payload, indent=1, default=_json_default) + "\n")
     if records:
         plot_stability_map(
-            summary, grid.streams, list(grid.configs), grid.learning_rates, output_dir / "stability.png"
+            summary, grid.streams, list(grid.configs), grid.learning_rates, output_dir / "stability.png", grid.batches
         )
 
 
