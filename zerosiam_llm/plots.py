@@ -167,9 +167,10 @@ def plot_stability_map(
     output: str | Path,
     batches: int | None = None,
 ) -> Path:
-    """Heat map per stream: learning rate across, configuration down, colour = share of seeds healthy; each cell
-    prints healthy/finished seeds (and how many are still to run), how many seeds were degraded (D) or collapsed (C), and the median update at which the
-    first guard rule fired (``rule @N``; ``clean`` when none fired in ``batches`` updates)."""
+    """Heat map per stream: learning rate across, configuration down, colour = share of seeds healthy. Each cell
+    prints healthy/finished seeds (and how many are still to run), how many seeds were degraded (D) or collapsed
+    (C), and the median update at which the first guard rule fired (``rule @N``; ``clean`` when none fired in
+    ``batches`` updates)."""
     from matplotlib.figure import Figure
 
     output = Path(output)
