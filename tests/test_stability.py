@@ -219,7 +219,8 @@ def test_sweep_runs_classifies_and_resumes(tiny_model_dir, tmp_path):
     grid = load_grid(_write_grid(tmp_path / "grid.yaml", tiny_model_dir, configs))
     out = tmp_path / "out"
     command = [sys.executable, str(TRAIN)]
-    records = run_grid(grid, out, command, poll_seconds=0.2)
+    records, failed = run_grid(grid, out, command, poll_seconds=0.2)
+    assert failed == []
     tent, zs = Cell("arithmetic", "tent", 1e-3, 0), Cell("arithmetic", "zerosiam-sgd", 1e-3, 0)
     assert set(records) == {tent, zs}
     for cell in (tent, zs):
@@ -238,7 +239,7 @@ def test_sweep_runs_classifies_and_resumes(tiny_model_dir, tmp_path):
     for path in (zs.folder(out) / "run" / "arithmetic").glob("stream_summary.json"):
         path.unlink()
     predictions = (zs.folder(out) / "run" / "arithmetic" / "predictions.jsonl").read_text().splitlines()
-    records = run_grid(grid, out, command, poll_seconds=0.2)
+    records, _ = run_grid(grid, out, command, poll_seconds=0.2)
     assert (tent.folder(out) / "train.log").stat().st_size == tent_log  # finished cell: not run again
     assert (zs.folder(out) / CELL_FILE).is_file() and set(records) == {tent, zs}
     again = (zs.folder(out) / "run" / "arithmetic" / "predictions.jsonl").read_text().splitlines()
@@ -269,3 +270,12 @@ def test_summary_pools_accuracy_and_takes_medians_over_seeds(tmp_path):
     assert row["entropy_final"] == pytest.approx(0.2)
     assert row["first_rule_update"] == 5  # median of 17 (healthy: outlasted 16 updates), 5 and 3
     assert row["verdicts"][1] == "degraded (monitor/repetition above 0.5, update 5)"
+
+
+def test_a_failed_cell_does_not_stop_the_others(tmp_path):
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}, "zs": {}}))
+    crash = [sys.executable, "-c", "import sys; print('boom'); sys.exit(1)"]
+    records, failed = run_grid(grid, tmp_path / "out", crash, poll_seconds=0.05)
+    assert records == {} and [c.config for c in failed] == ["tent", "zs"]
+    assert (failed[0].folder(tmp_path / "out") / "train.log").read_text().strip() == "boom"
+    assert not (failed[0].folder(tmp_path / "out") / CELL_FILE).exists()  # retried on the next run

@@ -345,8 +345,9 @@ def run_grid(
     data_dir: str | None = None,
     threads: int | None = None,
     poll_seconds: float = 2.0,
-) -> dict[Cell, dict[str, Any]]:
-    """Run every unfinished cell, one process at a time, then write the report; returns the finished records."""
+) -> tuple[dict[Cell, dict[str, Any]], list[Cell]]:
+    """Run every unfinished cell, one process at a time, rewriting the report after each; returns the finished
+    records and the cells whose run failed (a failed cell does not stop the others; re-running retries it)."""
     from tqdm.auto import tqdm
 
     if "gsm8k" in grid.streams and not data_dir:
@@ -403,8 +404,9 @@ def run_grid(
         write_report(grid, records, output_dir)
     bar.close()
     if failed:
-        raise RuntimeError(f"{len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; rerun to retry them")
-    return records
+        print(f"[stability] {len(failed)} cell(s) failed: {', '.join(c.name for c in failed)}; rerun to retry them",
+              file=sys.stderr)  # fmt: skip
+    return records, failed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -635,7 +637,9 @@ def main(train_script: str | os.PathLike, argv: list[str] | None = None) -> int:
                     records[cell] = json.loads(path.read_text())
             write_report(grid, records, ns.output_dir)
         else:
-            run_grid(grid, ns.output_dir, [sys.executable, str(train_script)], ns.data_dir, ns.threads)
+            _, failed = run_grid(grid, ns.output_dir, [sys.executable, str(train_script)], ns.data_dir, ns.threads)
+            if failed:
+                return 1
         print((ns.output_dir / "stability.md").read_text())
         return 0
 
