@@ -447,8 +447,9 @@ def summarise_cells(grid: Grid, records: Mapping[Cell, Mapping[str, Any]]) -> li
                             "answer_rate_final", "predictor_deviation_final"):  # fmt: skip
                     row[key] = _median([r.get(key) for r in runs])
                 # how long a run stayed clean: the update at which its first rule fired; a healthy run counts as
-                # batches + 1 (it outlasted the stream)
-                row["first_rule_update"] = _median([r["update"] or grid.batches + 1 for r in runs])
+                # batches + 1 (it outlasted the stream); the lower median, so an even count never shows a half update
+                updates = [r["update"] or grid.batches + 1 for r in runs]
+                row["first_rule_update"] = statistics.median_low(updates) if updates else None
                 rows.append(row)
     return rows
 
@@ -535,6 +536,32 @@ def _first_rule(update: float | None, batches: int) -> str:
     return f"> {batches}" if update > batches else f"{update:g}"
 
 
+def map_tables(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The heat map as Markdown, one table per stream: config down, lr across; each cell "healthy/finished, first
+    rule at (median update), accuracy % (pooled)"."""
+    by_key = {(r["stream"], r["config"], r["learning_rate"]): r for r in summary}
+    lines = []
+    for stream in grid.streams:
+        lines += [f"**{stream}** (healthy seeds / seeds run; median update of the first rule; accuracy %)", ""]
+        lines.append("| config | " + " | ".join(f"lr {lr:g}" for lr in grid.learning_rates) + " |")
+        lines.append("|---|" + "---|" * len(grid.learning_rates))
+        for config in grid.configs:
+            cells = []
+            for lr in grid.learning_rates:
+                r = by_key[(stream, config, lr)]
+                if not r["finished"]:
+                    cells.append("not run")
+                    continue
+                acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
+                rule = _first_rule(r["first_rule_update"], grid.batches)
+                cells.append(
+                    f"{r['healthy']}/{r['finished']}, rule {rule if rule.startswith('>') else '@' + rule}, {acc}"
+                )
+            lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Sequence[Mapping[str, Any]]) -> str:
     lines = [
         "# Stability map",
@@ -543,8 +570,8 @@ def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Seq
         f"per run (greedy predictions, one update per batch), seeds {', '.join(map(str, grid.seeds))}. Verdicts from "
         "the collapse guard's default rules replayed over each run's metrics (see `zerosiam_llm/stability.py`). Final "
         f"values are the mean of the last {FINAL_WINDOW} updates, ratios are final / first update; medians over "
-        f'seeds, also of "first rule at" (the update at which a run\'s first guard rule fired; > {grid.batches}: '
-        "none fired). Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson interval.",
+        f'seeds; "first rule at" is the lower median of the update at which each run\'s first guard rule fired '
+        f"(> {grid.batches}: none fired)." Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson interval.",
         "",
         "## Healthy learning-rate range",
         "",
@@ -559,6 +586,8 @@ def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Seq
         rng = "none" if m["low"] is None else f"{m['low']:g} .. {m['high']:g}"
         lines.append(f"| {m['stream']} | {m['config']} | {rng} | {_f(m['width'], 1)} | "
                      f"{_f(m['width_vs_baseline'], 1)} | {_pct(m)} |")  # fmt: skip
+    lines += ["", "## Map", ""]
+    lines += map_tables(grid, summary)
     lines += [
         "",
         "## Cells",
