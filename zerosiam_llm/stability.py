@@ -571,7 +571,8 @@ def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Seq
         "the collapse guard's default rules replayed over each run's metrics (see `zerosiam_llm/stability.py`). Final "
         f"values are the mean of the last {FINAL_WINDOW} updates, ratios are final / first update; medians over "
         f'seeds; "first rule at" is the lower median of the update at which each run\'s first guard rule fired '
-        f"(> {grid.batches}: none fired)." Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson interval.",
+        f"(> {grid.batches}: none fired). Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson "
+        "interval.",
         "",
         "## Healthy learning-rate range",
         "",
