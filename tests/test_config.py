@@ -22,7 +22,7 @@ def test_overrides_and_types():
     config = build_config("smollm2-135m-cpu", {"learning_rate": "3e-4", "method": "tent", "lora_r": "8"}, RECIPES)
     assert config.learning_rate == 3e-4 and config.lora_r == 8
     assert config.method == "tent" and config.alpha == 0.0 and not config.uses_predictor
-    assert build_config(None, {"predictor_learning_rate": "null"}, RECIPES).resolved_predictor_learning_rate == 1e-3
+    assert build_config(None, {"predictor_learning_rate": "null"}, RECIPES).resolved_predictor_learning_rate == 3e-3
     assert build_config(None, {"lora_target_modules": "q_proj,v_proj"}, RECIPES).lora_target_modules == "q_proj,v_proj"
     assert parse_overrides(["--a", "1", "--b=2", "--push_to_hub"])[0] == {"a": "1", "b": "2", "push_to_hub": "true"}
 

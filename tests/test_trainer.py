@@ -257,12 +257,14 @@ def test_monitors_are_logged(tiny_model_dir, tmp_path):
 
 
 PLANTED = '[{"metric": "zerosiam/predictor_deviation", "above": 0.3, "action": "%s"%s}]'
+PLANTED_RATIO = ("--predictor_lr_ratio", 10)  # the predictor passes 0.3 after 2 updates (not 1): a healthy one first
 
 
 def test_guard_stop_keeps_the_last_healthy_adapter(tiny_model_dir, tmp_path):
     """A planted condition (the predictor drifting past 0.3) stops the run; the result is the last healthy adapter."""
     out = tmp_path / "stop"
-    argv = tiny_args(tiny_model_dir, out, "--max_steps", 6, "--save_steps", 1, "--guard_rules", PLANTED % ("stop", ""))
+    rules = PLANTED % ("stop", "")
+    argv = tiny_args(tiny_model_dir, out, "--max_steps", 6, "--save_steps", 1, "--guard_rules", rules, *PLANTED_RATIO)
     assert run(argv) == 0
     logged = _logged(out)
     fired = json.loads((out / "guard_events.jsonl").read_text().splitlines()[0])
@@ -280,7 +282,8 @@ def test_guard_stop_keeps_the_last_healthy_adapter(tiny_model_dir, tmp_path):
 def test_guard_rollback_restores_the_checkpoint_and_lowers_the_lr(tiny_model_dir, tmp_path):
     out = tmp_path / "rollback"
     rules = PLANTED % ("rollback", ', "lr_factor": 0.5')
-    assert run(tiny_args(tiny_model_dir, out, "--max_steps", 5, "--save_steps", 1, "--guard_rules", rules)) == 0
+    assert run(tiny_args(tiny_model_dir, out, "--max_steps", 5, "--save_steps", 1, "--guard_rules", rules,
+                         *PLANTED_RATIO)) == 0  # fmt: skip
     logged = {m["step"]: m for m in _logged(out)}
     fired = json.loads((out / "guard_events.jsonl").read_text().splitlines()[0])["step"]
     summary = json.loads((out / "summary.json").read_text())
