@@ -41,12 +41,11 @@ from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_write_json, atomic_write_text, load_yaml, read_jsonl
 from zerosiam_llm.grading import wilson_interval
 from zerosiam_llm.monitor import DEFAULT_GUARD_RULES, GuardEvent, parse_guard_rules, replay_guard
+from zerosiam_llm.plots import METRICS_FILE, series
 
-VERDICTS = ("healthy", "degraded", "collapsed")
 FINAL_WINDOW = 3  # "final" values: the mean over the last 3 updates (one update is 8 answers: noisy)
 CELL_FILE = "cell.json"
 RUN_DIR = "run"  # the cell's train.py output_dir; cell.json, cell_args.json and train.log sit beside it
-METRICS_FILE = "metrics.jsonl"
 STREAM_SUMMARY = "stream_summary.json"
 
 # The signs of a collapsed run, each with the threshold of the default guard rule on the same metric.
@@ -219,12 +218,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
 
 
 def _numbers(rows: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
-    out = []
-    for row in rows:
-        value = row.get(metric)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out.append(float(value))
-    return out
+    return series(rows, metric)[1]  # the finite values, in order
 
 
 def _final(values: list[float]) -> float | None:
@@ -434,14 +428,10 @@ def summarise_cells(grid: Grid, records: Mapping[Cell, Mapping[str, Any]]) -> li
         for config in grid.configs:
             for lr in grid.learning_rates:
                 runs = [records[c] for c in (Cell(stream, config, lr, s) for s in grid.seeds) if c in records]
-                correct = sum(r["correct"] or 0 for r in runs)
-                graded = sum(r["graded"] or 0 for r in runs)
                 row = {
                     "stream": stream, "config": config, "learning_rate": lr, "seeds": len(grid.seeds),
                     "finished": len(runs), "healthy": sum(r["verdict"] == "healthy" for r in runs),
-                    "verdicts": [_verdict_text(r) for r in runs],
-                    "accuracy": correct / graded if graded else None, "correct": correct, "graded": graded,
-                    "ci95": list(wilson_interval(correct, graded)) if graded else None,
+                    "verdicts": [_verdict_text(r) for r in runs], **_pooled_accuracy(runs),
                 }  # fmt: skip
                 for key in ("entropy_final", "logit_norm_ratio", "repetition_final", "base_nll_ratio",
                             "answer_rate_final", "predictor_deviation_final"):  # fmt: skip
@@ -482,12 +472,12 @@ def _grid_step(learning_rates: Sequence[float]) -> float:
     return statistics.median(b / a for a, b in zip(learning_rates, learning_rates[1:], strict=False))
 
 
-def _pooled_accuracy(rows: Sequence[Mapping[str, Any]], low: float | None, high: float | None) -> dict[str, Any]:
-    inside = [r for r in rows if low is not None and low <= r["learning_rate"] <= high]
-    correct = sum(r["correct"] for r in inside)
-    graded = sum(r["graded"] for r in inside)
+def _pooled_accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Accuracy of the rows' predictions pooled (their ``correct`` / ``graded`` summed), with a 95% Wilson interval."""
+    correct = sum(r["correct"] or 0 for r in rows)
+    graded = sum(r["graded"] or 0 for r in rows)
     if not graded:
-        return {"accuracy": None, "correct": 0, "graded": 0, "ci95": None}
+        return {"accuracy": None, "correct": correct, "graded": 0, "ci95": None}
     return {"accuracy": correct / graded, "correct": correct, "graded": graded,
             "ci95": list(wilson_interval(correct, graded))}  # fmt: skip
 
@@ -501,8 +491,8 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
         for config in grid.configs:
             rows = [r for r in summary if r["stream"] == stream and r["config"] == config]
             rng = healthy_range(rows, grid.learning_rates)
-            ranges[config] = {"stream": stream, "config": config, **rng,
-                              **_pooled_accuracy(rows, rng["low"], rng["high"])}  # fmt: skip
+            inside = [r for r in rows if rng["low"] is not None and rng["low"] <= r["learning_rate"] <= rng["high"]]
+            ranges[config] = {"stream": stream, "config": config, **rng, **_pooled_accuracy(inside)}
         base = ranges.get(grid.baseline) if grid.baseline else None
         for config, rng in ranges.items():
             if base is None or config == grid.baseline:
