@@ -337,7 +337,26 @@ def test_bad_flags(tmp_path, capsys):
     code, _, err = cli(["--model", run.model, "--data_file", "math5000=x.jsonl", "--output_dir", tmp_path], capsys)
     assert code == 2 and "known benchmarks: math500" in err
     code, _, err = cli(["--model", run.model, "--n", "0", "--benchmarks", "gsm8k", "--output_dir", tmp_path], capsys)
-    assert code == 2 and "n (samples per problem) must be an integer >= 1" in err
+    assert code == 2 and "argument --n: expected an integer >= 1, got '0'" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--temperature", "nan", "argument --temperature: expected a finite number, got 'nan'"),
+        ("--top_p", "inf", "argument --top_p: expected a finite number, got 'inf'"),
+        ("--grader_timeout", "inf", "argument --grader_timeout: expected a finite number, got 'inf'"),
+        ("--grader_timeout", "0", "argument --grader_timeout: expected a number > 0, got '0'"),
+        ("--gpu_memory_utilization", "nan", "argument --gpu_memory_utilization: expected a finite number"),
+        ("--max_new_tokens", "0", "argument --max_new_tokens: expected an integer >= 1, got '0'"),
+        ("--batch_size", "-1", "argument --batch_size: expected an integer >= 1, got '-1'"),
+    ],
+)
+def test_non_finite_and_zero_numbers_are_refused_before_anything_is_written(flag, value, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = cli(["--model", run.model, "--benchmarks", "gsm8k", flag, value, "--output_dir", out], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,3 +457,63 @@ def test_must_show_embedded_smollm2_gsm8k_and_no_new_generation_on_rerun(tmp_pat
     assert (out / "gsm8k.jsonl").read_bytes() == before
     again = json.loads((out / "summary.json").read_text())
     assert again["benchmarks"] == summary["benchmarks"] and again["this_invocation"]["generated"] == {"gsm8k": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability through the real entry point: nothing is written until the model, adapter and folder are usable
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate(*argv):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "evals" / "evaluate.py"), *map(str, argv)], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+
+
+def test_a_bad_model_or_adapter_writes_nothing_and_the_corrected_command_runs(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(2))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"\x00" * 64)
+    no_type = tmp_path / "no-type"
+    no_type.mkdir()
+    (no_type / "config.json").write_text("{}")
+    bad_adapter = tmp_path / "bad-adapter"
+    bad_adapter.mkdir()
+    (bad_adapter / "adapter_config.json").write_text("{")
+    out = tmp_path / "out"
+    common = ["--benchmarks", "gsm8k", "--data_file", f"gsm8k={data}", "--max_new_tokens", 4, "--no_progress",
+              "--grader_workers", 1, "--output_dir", out]  # fmt: skip
+    cases = [
+        (["--model", junk], "is not a GGUF model"),
+        (["--model", no_type], "has no model_type"),
+        (["--model", "no-such-org/no-such-model"], "tokenizer of no-such-org/no-such-model as a Hub id"),
+        (["--model", tiny_model_dir, "--adapter", tmp_path / "missing"], "adapter path"),
+        (["--model", tiny_model_dir, "--adapter", bad_adapter], f"cannot load adapter {bad_adapter}"),
+        (["--model", tiny_model_dir, "--adapter", "no-such-org/no-such-adapter"], "cannot load adapter no-such-org"),
+    ]
+    for argv, message in cases:
+        proc = _evaluate(*argv, *common)
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and not out.exists(), argv
+    fixed = _evaluate("--model", tiny_model_dir, *common)
+    assert fixed.returncode == 0 and "generated 2 new samples" in fixed.stdout, fixed.stderr[-2000:]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    overwrite = _evaluate("--model", tiny_model_dir, "--adapter", bad_adapter, "--overwrite", *common)
+    assert overwrite.returncode == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_evaluation_refuses_a_read_only_output_dir_and_warns_about_remote_code(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(1))
+    out = Path("/sys/zerosiam-test-eval") if os.geteuid() == 0 else tmp_path / "locked" / "out"
+    if os.geteuid() != 0:
+        out.parent.mkdir()
+        out.parent.chmod(0o555)
+    proc = _evaluate("--model", tiny_model_dir, "--benchmarks", "gsm8k", "--data_file", f"gsm8k={data}",
+                     "--output_dir", out, "--trust_remote_code")  # fmt: skip
+    assert proc.returncode == 2 and f"error: output_dir {out} is not writable" in proc.stderr, proc.stderr
+    assert not out.exists()
+    warned = _evaluate("--model", tiny_model_dir, "--benchmarks", "gsm8k", "--data_file", f"gsm8k={data}",
+                       "--max_new_tokens", 2, "--no_progress", "--grader_workers", 1, "--output_dir", tmp_path / "ok",
+                       "--trust_remote_code")  # fmt: skip
+    assert warned.returncode == 0, warned.stderr[-2000:]
+    assert f"warning: trust_remote_code is true: loading {tiny_model_dir} will run the Python files" in warned.stderr

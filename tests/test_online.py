@@ -135,6 +135,8 @@ def test_bad_online_input(tiny_model_dir, tmp_path, capsys):
         build_config("smollm2-135m-online-cpu", {"stream_batch_size": "0"}, RECIPES)
     with pytest.raises(UserInputError, match="method: none .* only with protocol: online"):
         build_config("smollm2-135m-cpu", {"method": "none"}, RECIPES)
+    with pytest.raises(UserInputError, match="max_steps must be -1 with protocol: online"):
+        build_config("smollm2-135m-cpu", {"protocol": "online"}, RECIPES)  # that recipe sets max_steps: 12
     with pytest.raises(UserInputError, match="compare_methods: 'em' is not allowed"):
         build_config("smollm2-135m-online-cpu", {"compare_methods": "none,em"}, RECIPES)
     empty = tmp_path / "empty.jsonl"

@@ -45,6 +45,7 @@ def render_model_card(args, metrics: list[dict]) -> str:
     if not args.dataset.startswith("generated:") and not Path(args.dataset).exists():
         front["datasets"] = [args.dataset]
     steps = max((m.get("step", 0) for m in metrics), default=0)
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum: print "linear"
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -94,7 +95,7 @@ def render_model_card(args, metrics: list[dict]) -> str:
     lines += [
         f"| LoRA | r = {args.lora_r}, alpha = {args.lora_alpha or 2 * args.lora_r}, "
         f"targets {args.lora_target_modules} |",
-        f"| optimizer | {args.optimizer}, lr {args.learning_rate:g}, {args.lr_scheduler_type} schedule |",
+        f"| optimizer | {args.optimizer}, lr {args.learning_rate:g}, {scheduler} schedule |",
         f"| data | `{args.dataset}` ({args.question_field}), {args.num_rollouts} rollout(s) per prompt |",
         f"| rollouts | T = {args.temperature}, max {args.max_completion_length} new tokens |",
         f"| steps | {steps} |",

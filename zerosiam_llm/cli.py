@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +15,15 @@ import yaml
 
 from zerosiam_llm.config import ZeroSiamConfig, build_config, help_text, parse_overrides
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.files import atomic_write_text, read_jsonl
+from zerosiam_llm.files import atomic_write_text, check_writable, read_jsonl
 
 DEFAULT_RECIPE = "smollm2-135m-cpu"
 RESOLVED_CONFIG = "resolved_config.yaml"
-# fields that may change between a run and its resumption
+# fields that may change between a run and its resumption (output_dir: a run folder can be moved)
 RESUMABLE_CHANGES = {
-    "max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps", "report_to", "push_to_hub",
-    "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir", "disable_tqdm",
-    "monitor_every", "run_name", "logging_dir", "dataloader_num_workers",
+    "output_dir", "max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps", "report_to",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir",
+    "disable_tqdm", "monitor_every", "run_name", "logging_dir", "dataloader_num_workers",
 }  # fmt: skip
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", RESOLVED_CONFIG, "README.md", "completions",
              "guard_events.jsonl", "healthy", "predictions.jsonl")  # fmt: skip
@@ -43,20 +45,38 @@ def run_cli(main, argv: list[str] | None) -> int:
         return 2
 
 
-def _prepare_output_dir(config: ZeroSiamConfig) -> str | None:
-    """Refuse a non-empty output_dir holding something else; return the checkpoint to resume from, if any."""
+@dataclass
+class OutputPlan:
+    """What ``output_dir`` holds and what this command will do with it (decided before anything is written)."""
+
+    path: Path
+    overwrite: bool = False  # delete the previous run's files once every input has been validated
+    resume_from: str | None = None  # the checkpoint to resume from
+    finished: str | None = None  # the reason there is nothing to do (a finished run re-run with the same target)
+
+
+def _is_run_file(child: Path) -> bool:
+    """Files and folders a run writes (an online stream folder included): what --overwrite_output_dir deletes."""
+    from zerosiam_llm.online import STREAM_SUMMARY
+    from zerosiam_llm.trainer import PREDICTIONS_FILE
+
+    if child.name in RUN_FILES or child.name.startswith(("checkpoint-", "adapter_", "zerosiam_predictor")):
+        return True
+    return child.is_dir() and any((child / name).exists() for name in (STREAM_SUMMARY, PREDICTIONS_FILE))
+
+
+def _plan_output_dir(config: ZeroSiamConfig) -> OutputPlan:
+    """Refuse an unusable output_dir, or one holding something else; deletes and writes nothing."""
     from zerosiam_llm.trainer import last_complete_checkpoint
 
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"output_dir {out} exists and is not a directory")
+    check_writable(out, "output_dir")
     if not out.exists() or not any(out.iterdir()):
-        return None
+        return OutputPlan(out)
     if config.overwrite_output_dir:
-        for child in out.iterdir():
-            if child.name in RUN_FILES or child.name.startswith("checkpoint-") or child.name.startswith("adapter_"):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        return None
+        return OutputPlan(out, overwrite=True)
     previous = out / RESOLVED_CONFIG
     if not previous.is_file():
         raise UserInputError(
@@ -74,7 +94,42 @@ def _prepare_output_dir(config: ZeroSiamConfig) -> str | None:
             f"output_dir {out} holds another run (differs in {', '.join(changed[:6])}); choose another output_dir "
             "or pass --overwrite_output_dir"
         )
-    return last_complete_checkpoint(out) if config.resume else None
+    plan = OutputPlan(out, resume_from=last_complete_checkpoint(out) if config.resume else None)
+    if config.protocol == "offline":
+        plan.finished = _finished_offline_run(config, out, old)
+    return plan
+
+
+def _finished_offline_run(config: ZeroSiamConfig, out: Path, old: dict) -> str | None:
+    """Why a finished run needs nothing more (same target reached, or stopped by the guard); None to train on."""
+    summary_path = out / "summary.json"
+    if not summary_path.is_file():
+        return None  # never finished (killed): resume
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    steps = summary.get("steps") or 0
+    if summary.get("stopped_by_guard"):
+        return f"it was stopped by the collapse guard at step {steps} ({summary['stopped_by_guard']['message']})"
+    if config.max_steps > 0:
+        target = config.max_steps
+    elif old.get("max_steps", -1) <= 0 and old.get("num_train_epochs") == config.num_train_epochs:
+        target = summary.get("max_steps") or steps  # the same epochs: the step count that run planned
+    else:
+        return None  # epochs changed: the trainer works out the new target
+    if steps >= target:
+        return f"it finished {steps} of {target} steps"
+    return None
+
+
+def _commit_output_dir(plan: OutputPlan, config: ZeroSiamConfig) -> None:
+    """After validation: delete the previous run when overwriting, then record this run's config."""
+    if plan.overwrite and plan.path.is_dir():
+        for child in plan.path.iterdir():
+            if _is_run_file(child):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    _write_resolved_config(config)
 
 
 def _summarise(config: ZeroSiamConfig, counts: dict, out: Path, trainer=None) -> dict[str, Any]:
@@ -90,6 +145,7 @@ def _summarise(config: ZeroSiamConfig, counts: dict, out: Path, trainer=None) ->
         "method": config.method,
         "model": config.model,
         "steps": max((m.get("step", 0) for m in metrics), default=0),
+        "max_steps": trainer.state.max_steps if trainer is not None else None,
         "entropy_target_first": h0,
         "entropy_target_last": h1,
         "monitor_accuracy_first": a0,
@@ -122,7 +178,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"  entropy H(p_r): {fmt(summary['entropy_target_first'])} -> {fmt(summary['entropy_target_last'])}\n"
         f"  monitor accuracy (gold answers, not used for training): {fmt(summary['monitor_accuracy_first'])} -> "
         f"{fmt(summary['monitor_accuracy_last'])}\n"
-        f"  adapter + predictor + card: {summary['adapter']}"
+        f"  {'adapter + predictor' if summary['method'] == 'zerosiam' else 'adapter'} + card: {summary['adapter']}"
     )
     if summary.get("guard_events"):
         print(f"  collapse guard: {summary['guard_events']} event(s), see guard_events.jsonl")
@@ -131,10 +187,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"  STOPPED: {stop['message']}\n  the saved adapter is the last healthy one: {stop['adapter_from']}")
 
 
+USAGE = "usage: python train.py [--recipe NAME_OR_PATH] [--field value ...] [--debug]"
+
+
 def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     overrides, rest = parse_overrides(argv)
-    if "help" in overrides:
-        print("usage: python train.py [--recipe NAME_OR_PATH] [--field value ...] [--debug]\n" + help_text())
+    if "help" in overrides or "-h" in rest:
+        print(f"{USAGE}\n{help_text()}")
         return 0
     if rest:
         raise UserInputError(f"unexpected argument {rest[0]!r}; use --field value")
@@ -142,13 +201,16 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     recipes_dir = Path(recipes_dir) if recipes_dir is not None else Path.cwd() / "recipes"
     config = build_config(recipe, overrides, recipes_dir, default_recipe=DEFAULT_RECIPE)
 
+    from accelerate import PartialState
     from transformers import set_seed
 
-    from zerosiam_llm.data import build_prompt_dataset, prompt_budget, report_prompt_counts
-    from zerosiam_llm.policy import load_model, load_tokenizer, make_lora_config, resolve_model
+    from zerosiam_llm.data import build_prompt_dataset, check_full_batch, prompt_budget, report_prompt_counts
+    from zerosiam_llm.policy import load_model, load_tokenizer, make_lora_config, resolve_model, warn_remote_code
     from zerosiam_llm.trainer import ZeroSiamTrainer, write_summary
 
     source = resolve_model(config.model)
+    if PartialState().is_main_process:
+        warn_remote_code(source, config.trust_remote_code)
     if config.protocol == "online" and config.compare_methods:
         from zerosiam_llm.online import compare_methods, comparison_table
 
@@ -156,9 +218,14 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
         print(comparison_table(results, f"Online protocol, {config.model}"))
         print(f"table: {Path(config.output_dir) / 'comparison.md'} and comparison.json")
         return 0
-    resume_from = _prepare_output_dir(config)
+    # everything a user can get wrong is checked before the old run is deleted or anything is written
+    plan = _plan_output_dir(config)
+    if plan.finished:
+        print(f"output_dir {plan.path} holds a finished run: {plan.finished}; nothing to do (a larger --max_steps "
+              "continues it, --overwrite_output_dir starts over)")  # fmt: skip
+        return 0
     if config.protocol == "online":
-        return _train_online(config, source, recipes_dir)
+        return _train_online(config, source, plan, recipes_dir)
     problems = _config_problems(config)
     set_seed(config.seed)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
@@ -170,13 +237,15 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
         problems, tokenizer, config.instruction, config.instruction_placement, max_prompt, config.long_prompt,
     )  # fmt: skip
     report_prompt_counts(counts, max_prompt, config.long_prompt)
+    check_full_batch(len(dataset), config, PartialState().num_processes)
     lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     trainer = ZeroSiamTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
-        _write_resolved_config(config)
+        _commit_output_dir(plan, config)
+    trainer.accelerator.wait_for_everyone()
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.train(resume_from_checkpoint=plan.resume_from)
         trainer.save_model(config.output_dir)  # adapter + predictor sidecar (+ Hub push when push_to_hub)
     finally:
         trainer.close()
@@ -217,7 +286,7 @@ def _stream_name(dataset: str) -> str:
     return Path(dataset).stem if Path(dataset).suffix else dataset.rstrip("/").split("/")[-1]
 
 
-def _train_online(config: ZeroSiamConfig, source, recipes_dir: Path | None = None) -> int:
+def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan, recipes_dir: Path | None = None) -> int:
     from zerosiam_llm.online import run_streams
     from zerosiam_llm.policy import load_tokenizer
 
@@ -243,8 +312,8 @@ def _train_online(config: ZeroSiamConfig, source, recipes_dir: Path | None = Non
             raise UserInputError(f"stream {name} has no problems")
     tokenizer = load_tokenizer(source, config.trust_remote_code)
     out = Path(config.output_dir)
-    _write_resolved_config(config)
-    results = run_streams(config, streams, source, tokenizer)
+    commit = lambda: _commit_output_dir(plan, config)  # noqa: E731
+    results = run_streams(config, streams, source, tokenizer, fresh=plan.overwrite, before_writing=commit)
     for name, r in results.items():
         acc = (
             "n/a (no gold answers)"

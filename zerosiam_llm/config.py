@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import os
 import types
 import typing
@@ -259,6 +260,12 @@ class ZeroSiamConfig(DistillationConfig):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Rollouts per device per micro-step."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the policy."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimisation steps (> 0); -1 = as many as num_train_epochs gives."}
+    )
+    disable_tqdm: bool | None = field(
+        default=False, metadata={"help": "Hide the training progress bar (a short line per logged step instead)."}
+    )
 
     def __post_init__(self) -> None:
         self._validate()
@@ -282,6 +289,11 @@ class ZeroSiamConfig(DistillationConfig):
     def _setup_online(self) -> None:
         if self.gradient_accumulation_steps != 1:
             raise UserInputError("gradient_accumulation_steps must be 1 with protocol: online (one update per batch)")
+        if self.max_steps != -1:  # the sampler would go round the stream again, updating on answers already scored
+            raise UserInputError(
+                f"max_steps must be -1 with protocol: online (one pass over each stream, one update per batch), got "
+                f"{self.max_steps}; shorten a stream with num_problems"
+            )
         if self.stream_batch_size is None:
             self.stream_batch_size = 8
         # one generation batch = one stream batch, k answers per problem, in the stream's fixed order
@@ -316,6 +328,14 @@ class ZeroSiamConfig(DistillationConfig):
         return self.predictor_lr_ratio * self.learning_rate
 
     def _validate(self) -> None:
+        for f in dataclasses.fields(self):  # every float field, ours and TrainingArguments' (nan passes `< 0`)
+            value = getattr(self, f.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserInputError(f"{f.name} must be a finite number, got {value}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserInputError(f"max_steps must be > 0, or -1 to train num_train_epochs; got {self.max_steps}")
+        if self.protocol == "offline" and self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise UserInputError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}")
         choices = {
             "method": METHODS,
             "predictor": PREDICTOR_FORMS,
@@ -496,9 +516,12 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
         if isinstance(value, bool):
             raise UserInputError(f"{name}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserInputError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # float("nan") / float("inf") parse; no field means anything by them
+            raise UserInputError(f"{name}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserInputError(f"{name}: expected a string, got {value!r}")

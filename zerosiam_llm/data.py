@@ -198,3 +198,32 @@ def report_prompt_counts(counts: dict, max_prompt: int | None, policy: str) -> N
     if counts["skipped"] or counts["truncated"]:
         print(f"prompts: {counts['kept']} kept, {counts['skipped']} skipped, {counts['truncated']} truncated "
               f"(longer than {max_prompt} tokens; long_prompt: {policy})")  # fmt: skip
+
+
+def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str = "the data set") -> None:
+    """Refuse a data set that yields no full generation batch (TRL's RepeatSampler drops a last partial batch, so it
+    would train nothing); say how many prompts a partial last batch leaves out."""
+    if config.protocol == "online":
+        per_batch, how = config.stream_batch_size * num_processes, f"stream_batch_size {config.stream_batch_size}"
+    else:
+        per_batch = (
+            config.per_device_train_batch_size
+            * config.gradient_accumulation_steps
+            * num_processes
+            // config.num_rollouts
+        )
+        how = (
+            f"per_device_train_batch_size {config.per_device_train_batch_size} x gradient_accumulation_steps "
+            f"{config.gradient_accumulation_steps} / num_rollouts {config.num_rollouts}"
+        )
+    if num_processes > 1:
+        how += f" x {num_processes} processes"
+    if num_prompts < per_batch:
+        raise UserInputError(
+            f"{what} has {num_prompts} usable prompts but one batch needs {per_batch} ({how}); add problems or make "
+            "the batch smaller"
+        )
+    left = num_prompts % per_batch
+    if left:
+        print(f"note: {num_prompts} prompts in batches of {per_batch}: a last partial batch of {left} is dropped "
+              f"{'(not scored)' if config.protocol == 'online' else 'each epoch (TRL RepeatSampler)'}")  # fmt: skip

@@ -27,6 +27,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -35,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.files import append_jsonl, atomic_write_json, atomic_write_text, load_yaml, read_jsonl
+from zerosiam_llm.files import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    load_yaml,
+    read_jsonl,
+)
 from zerosiam_llm.grading import (
     GOLD_STYLES,
     Grader,
@@ -776,7 +784,8 @@ def run_evaluation(
     ``generator_factory(args, tokenizer)`` builds the generation backend (default: :func:`rollout.make_generator`);
     it is called only when some sample is missing, so a complete run never loads the model.
     """
-    from zerosiam_llm.policy import load_tokenizer, resolve_model
+    from zerosiam_llm.policy import load_tokenizer, resolve_model, warn_remote_code
+    from zerosiam_llm.rollout import check_adapter
 
     if not args.model:
         raise UserInputError("--model is required (a Hub id, a local folder, a .gguf file or embedded:smollm2-135m)")
@@ -791,8 +800,10 @@ def run_evaluation(
     run = _run_settings(args)
     bench_settings = {b.name: _bench_settings(b, samplings[b.name]) for b in selected}
     out = Path(args.output_dir).expanduser()
-    # Everything that can be refused is checked before a model or a data set is loaded.
+    # Everything that can be refused (settings, data, model files, adapter, results) is checked before the old run is
+    # deleted (--overwrite) or run_config.json is written: a corrected command into the same folder then just works.
     record = _prepare_run_dir(out, run, bench_settings, args.overwrite, list(all_benchmarks))
+    check_writable(out, "output_dir")
 
     problems_by_bench, sources, sizes = {}, {}, {}
     for bench in selected:
@@ -801,68 +812,74 @@ def run_evaluation(
         problems_by_bench[bench.name] = problems[: args.limit] if args.limit else problems
         sources[bench.name] = source
         record["benchmarks"][bench.name]["data"] = source
-    if args.overwrite and out.is_dir():
-        try:
-            old_names = list((_read_run_config(out) or {}).get("benchmarks", {}))
-        except UserInputError:  # an unreadable record is replaced too
-            old_names = []
-        _remove_run_files(out, list(all_benchmarks) + old_names)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / RUN_CONFIG, record)
-
     source = resolve_model(args.model)
+    warn_remote_code(source, args.trust_remote_code)
     tokenizer = load_tokenizer(source, args.trust_remote_code)
+    if args.adapter:
+        check_adapter(args.adapter, args.revision)
+
+    # what each benchmark still needs (with --overwrite: everything; the old results are deleted below)
+    indexes, prompts, pending = {}, {}, {}
+    for bench in selected:
+        sampling, fingerprint = samplings[bench.name], record["benchmarks"][bench.name]["fingerprint"]
+        problems = problems_by_bench[bench.name]
+        path = out / f"{bench.name}.jsonl"
+        index = {} if args.overwrite else _index_results(path, read_results(path), fingerprint)
+        for problem in problems:
+            prompt = render_prompt(
+                tokenizer, build_messages(problem["question"], args.instruction, args.instruction_placement)
+            )
+            prompts[problem["id"]] = prompt
+            done = next((index[(problem["id"], s)] for s in range(sampling.n) if (problem["id"], s) in index), None)
+            if done is not None and (done.get("prompt") != prompt or done.get("gold") != problem["answer"]):
+                raise UserInputError(
+                    f"{path}: problem {problem['id']} was run with another prompt or gold answer (the data, the "
+                    "instruction or the chat template changed); use another --output_dir or pass --overwrite"
+                )
+        indexes[bench.name] = index
+        pending[bench.name] = [p for p in problems if any((p["id"], s) not in index for s in range(sampling.n))]
+
     progress = not args.no_progress
     grader = _LazyGrader(args.grader_workers, args.grader_timeout)
     generator = None
     generated: dict[str, int] = {}
     graded = 0
     try:
-        previous_summary = _read_previous_summary(out)
+        if any(pending.values()):  # loading the model (and adapter) validates them: before anything is written
+            generator = (generator_factory or _default_generator_factory)(args, tokenizer)
+            record["generation"] = generator.describe()
+        previous_summary = None if args.overwrite else _read_previous_summary(out)
+        if args.overwrite and out.is_dir():
+            try:
+                old_names = list((_read_run_config(out) or {}).get("benchmarks", {}))
+            except UserInputError:  # an unreadable record is replaced too
+                old_names = []
+            _remove_run_files(out, list(all_benchmarks) + old_names)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_CONFIG, record)
+        if generator is not None and record["generation"].get("device") == "cpu" and args.max_new_tokens is None:
+            print("note: generating on CPU with the benchmarks' GPU budget (max_new_tokens "
+                  f"{max(s.max_new_tokens for s in samplings.values())}): a batch runs until its longest "
+                  "completion ends; pass --max_new_tokens (e.g. 256) for a quick look")  # fmt: skip
         summaries = {}
         for bench in selected:
             sampling = samplings[bench.name]
             fingerprint = record["benchmarks"][bench.name]["fingerprint"]
-            problems = problems_by_bench[bench.name]
+            problems, index, todo = problems_by_bench[bench.name], indexes[bench.name], pending[bench.name]
             path = out / f"{bench.name}.jsonl"
             _repair_torn_tail(path)
-            records = read_results(path)
-            index = _index_results(path, records, fingerprint)
-            prompts = {}
-            for problem in problems:
-                prompt = render_prompt(
-                    tokenizer, build_messages(problem["question"], args.instruction, args.instruction_placement)
-                )
-                prompts[problem["id"]] = prompt
-                done = next(
-                    (index[(problem["id"], s)] for s in range(sampling.n) if (problem["id"], s) in index), None
-                )
-                if done is not None and (done.get("prompt") != prompt or done.get("gold") != problem["answer"]):
-                    raise UserInputError(
-                        f"{path}: problem {problem['id']} was run with another prompt or gold answer (the data, the "
-                        "instruction or the chat template changed); use another --output_dir or pass --overwrite"
-                    )
-            pending = [p for p in problems if any((p["id"], s) not in index for s in range(sampling.n))]
             n_done = sum((p["id"], s) in index for p in problems for s in range(sampling.n))
             print(
                 f"{bench.name}: {len(problems)} problems ({sampling.describe()}): {n_done} samples done, "
                 f"{len(problems) * sampling.n - n_done} to generate"
             )
             generated[bench.name] = 0
-            if pending:
-                if generator is None:
-                    generator = (generator_factory or _default_generator_factory)(args, tokenizer)
-                    record["generation"] = generator.describe()
-                    atomic_write_json(out / RUN_CONFIG, record)
-                    if record["generation"].get("device") == "cpu" and args.max_new_tokens is None:
-                        print("note: generating on CPU with the benchmarks' GPU budget (max_new_tokens "
-                              f"{max(s.max_new_tokens for s in samplings.values())}): a batch runs until its longest "
-                              "completion ends; pass --max_new_tokens (e.g. 256) for a quick look")  # fmt: skip
+            if todo:
                 stream = generator.generate(
-                    [prompts[p["id"]] for p in pending], sampling, progress=progress, desc=f"generating {bench.name}"
+                    [prompts[p["id"]] for p in todo], sampling, progress=progress, desc=f"generating {bench.name}"
                 )
                 for i, completions in stream:
-                    problem = pending[i]
+                    problem = todo[i]
                     new = [
                         _make_record(bench, problem, s, prompts[problem["id"]], completions[s], fingerprint)
                         for s in range(sampling.n)
@@ -958,6 +975,33 @@ def _grade_and_rewrite(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="evaluate.py",
@@ -970,11 +1014,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks_file", help="benchmark definitions (default: evals/benchmarks.yaml)")
     parser.add_argument("--data_dir", help="read <data_dir>/<local_file> (e.g. gsm8k_test.jsonl) instead of the Hub")
     parser.add_argument("--data_file", action="append", metavar="NAME=PATH", help="a local file for one benchmark")
-    parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
-    parser.add_argument("--n", type=int, help="samples per problem (default: per benchmark)")
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default: per benchmark)")
-    parser.add_argument("--top_p", type=float, help="nucleus sampling (default: per benchmark)")
-    parser.add_argument("--max_new_tokens", type=int, help="completion budget (default: per benchmark)")
+    parser.add_argument("--limit", type=_count, help="only the first N problems of each benchmark")
+    parser.add_argument("--n", type=_count, help="samples per problem (default: per benchmark)")
+    parser.add_argument("--temperature", type=_finite, help="0 = greedy (default: per benchmark)")
+    parser.add_argument("--top_p", type=_finite, help="nucleus sampling (default: per benchmark)")
+    parser.add_argument("--max_new_tokens", type=_count, help="completion budget (default: per benchmark)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
     parser.add_argument("--instruction_placement", choices=("user", "system"), default="user")
@@ -988,14 +1032,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32",
     )
     parser.add_argument("--device", help="hf backend: cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--batch_size", type=int, default=32, help="hf backend: sequences per generate call")
-    parser.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vllm backend")
-    parser.add_argument("--max_model_len", type=int, help="vllm backend: context length (e.g. 4096 for Qwen-Math)")
-    parser.add_argument("--tensor_parallel_size", type=int, default=1, help="vllm backend")
+    parser.add_argument("--batch_size", type=_count, default=32, help="hf backend: sequences per generate call")
+    parser.add_argument("--gpu_memory_utilization", type=_positive, default=0.9, help="vllm backend")
+    parser.add_argument("--max_model_len", type=_count, help="vllm backend: context length (e.g. 4096 for Qwen-Math)")
+    parser.add_argument("--tensor_parallel_size", type=_count, default=1, help="vllm backend")
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--revision", help="model revision on the Hub")
-    parser.add_argument("--grader_timeout", type=float, default=5.0, help="seconds per answer before it is wrong")
-    parser.add_argument("--grader_workers", type=int, help="grading processes (default: CPU cores, at most 8)")
+    parser.add_argument("--grader_timeout", type=_positive, default=5.0, help="seconds per answer before it is wrong")
+    parser.add_argument("--grader_workers", type=_count, help="grading processes (default: CPU cores, at most 8)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="compare run folders (the first is the baseline)")
     return parser

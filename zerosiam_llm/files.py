@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,22 @@ from typing import Any
 import yaml
 
 from zerosiam_llm.errors import UserInputError
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Refuse a folder this process cannot write into, probed with a temporary file in it (or in its nearest existing
+    parent): ``os.access`` says yes to root even on a read-only mount. Leaves nothing behind."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserInputError(f"{what} {folder}: {probe} exists and is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".zerosiam-write-test-"):
+            pass
+    except OSError as err:
+        raise UserInputError(f"{what} {folder} is not writable ({err.strerror}: {probe})") from None
 
 
 @contextlib.contextmanager

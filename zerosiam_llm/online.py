@@ -15,6 +15,7 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,36 +49,60 @@ def stream_accuracy(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_streams(config: ZeroSiamConfig, streams: list[tuple[str, list[dict]]], source, tokenizer) -> dict[str, Any]:
-    """Run one method over every stream; returns ``{stream: accuracy dict}`` and writes ``summary.json``."""
+def run_streams(
+    config: ZeroSiamConfig,
+    streams: list[tuple[str, list[dict]]],
+    source,
+    tokenizer,
+    fresh: bool = False,
+    before_writing: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Run one method over every stream; returns ``{stream: accuracy dict}`` and writes ``summary.json``.
+
+    Streams with a ``stream_summary.json`` are done and skipped (unless ``fresh``: their files are about to be
+    deleted). The model is loaded and every stream's prompts are built and checked before ``before_writing`` is called
+    (it deletes an overwritten run and records the config), so bad input leaves ``output_dir`` as it was.
+    """
+    from accelerate import PartialState
     from transformers import set_seed
 
-    from zerosiam_llm.data import build_prompt_dataset, prompt_budget, report_prompt_counts
+    from zerosiam_llm.data import build_prompt_dataset, check_full_batch, prompt_budget, report_prompt_counts
     from zerosiam_llm.policy import load_model, make_lora_config
     from zerosiam_llm.trainer import ZeroSiamTrainer, last_complete_checkpoint
 
     root = Path(config.output_dir)
-
-    results: dict[str, Any] = {}
-    trainer = model = None
-    try:
-        for name, problems in streams:
-            stream_dir = root / name
-            predictions_path = stream_dir / PREDICTIONS_FILE
-            if (stream_dir / STREAM_SUMMARY).is_file():  # finished earlier: never redo a scored stream
-                results[name] = json.loads((stream_dir / STREAM_SUMMARY).read_text())
-                continue
-            if model is None:
-                model = load_model(
-                    source, config.model_dtype, config.trust_remote_code, config.model_revision,
-                    config.attn_implementation,
-                )  # fmt: skip
-            max_prompt = prompt_budget(config, model)
+    pending = [(n, p) for n, p in streams if fresh or not (root / n / STREAM_SUMMARY).is_file()]
+    model = None
+    prepared: dict[str, tuple[Any, dict]] = {}
+    if pending:
+        model = load_model(
+            source, config.model_dtype, config.trust_remote_code, config.model_revision, config.attn_implementation,
+        )  # fmt: skip
+        max_prompt = prompt_budget(config, model)
+        for name, problems in pending:
             dataset, counts = build_prompt_dataset(
                 order_stream(problems, config.stream_seed), tokenizer, config.instruction,
                 config.instruction_placement, max_prompt, config.long_prompt,
             )  # fmt: skip
             report_prompt_counts(counts, max_prompt, config.long_prompt)
+            check_full_batch(len(dataset), config, PartialState().num_processes, what=f"stream {name}")
+            prepared[name] = (dataset, counts)
+    else:
+        print(f"output_dir {root}: every stream finished earlier; nothing to train (--overwrite_output_dir redoes it)")
+    if before_writing is not None and PartialState().is_main_process:
+        before_writing()
+    PartialState().wait_for_everyone()
+
+    results: dict[str, Any] = {}
+    trainer = None
+    try:
+        for name, _ in streams:
+            stream_dir = root / name
+            predictions_path = stream_dir / PREDICTIONS_FILE
+            if name not in prepared:  # finished earlier: never redo a scored stream
+                results[name] = json.loads((stream_dir / STREAM_SUMMARY).read_text())
+                continue
+            dataset, counts = prepared[name]
             set_seed(config.seed)
             if trainer is None:
                 config.output_dir = str(stream_dir)

@@ -7,8 +7,10 @@ full-vocabulary logits), :func:`lm_head_weight` gives the frozen head the chunke
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,15 +75,68 @@ def resolve_model(spec: str) -> ModelSource:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UserInputError(f"GGUF file {spec} does not exist")
+        _check_gguf_magic(path)
         return ModelSource(spec, "gguf", str(path.resolve().parent), path.name)
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UserInputError(f"model folder {spec} has no config.json (expected a save_pretrained folder)")
+        _check_model_config(path / "config.json")
         return ModelSource(spec, "local", str(path.resolve()))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserInputError(f"model path {spec} does not exist")
     return ModelSource(spec, "hub", spec)
+
+
+def _check_gguf_magic(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise UserInputError(f"GGUF file {path} cannot be read: {err.strerror}") from None
+    if magic != b"GGUF":
+        raise UserInputError(f"GGUF file {path} is not a GGUF model (it does not start with the GGUF magic bytes)")
+
+
+def _check_model_config(path: Path) -> None:
+    """A model folder's config.json must be what save_pretrained writes: a JSON object naming its model_type."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserInputError(f"model config {path} is not valid JSON (expected a save_pretrained config)") from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise UserInputError(
+            f"model config {path} has no model_type (expected a config.json written by save_pretrained, e.g. "
+            '{"model_type": "llama", ...})'
+        )
+
+
+def warn_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
+    """``trust_remote_code: true`` runs Python shipped with the model: say once, on stderr, which code that is."""
+    if not trust_remote_code:
+        return
+    if source.kind == "local":
+        files = sorted(p.name for p in Path(source.name_or_path).glob("*.py"))
+        code = f"the Python files of {source.name_or_path} ({', '.join(files) or 'none there now'})"
+    elif source.kind == "hub":
+        code = f"the Python files of the Hub repository {source.spec} named by its config.json auto_map"
+    else:  # GGUF files carry no code
+        code = "no code (GGUF models carry none)"
+    print(f"warning: trust_remote_code is true: loading {source.spec} will run {code}", file=sys.stderr)
+
+
+# what transformers raises for a file it cannot use (bad weights, bad config, missing tokenizer files, ...)
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError)
+
+
+def _load_error(what: str, source: ModelSource, err: BaseException) -> UserInputError:
+    if source.kind == "hub":
+        where = "as a Hub id (no network, or not found)"
+    elif source.is_gguf:
+        where = f"from the GGUF file {Path(source.name_or_path) / source.gguf_file}"
+    else:
+        where = f"from the folder {source.name_or_path} (expected a save_pretrained folder)"
+    return UserInputError(f"cannot load {what} {source.spec} {where}: {_first_line(err)}")
 
 
 def _strip_gguf_quantizer(model: nn.Module) -> None:
@@ -103,8 +158,8 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(
             source.name_or_path, trust_remote_code=trust_remote_code, padding_side="left", **kwargs
         )
-    except OSError as err:
-        raise UserInputError(f"cannot load the tokenizer of {source.spec}: {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise _load_error("the tokenizer of", source, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -136,9 +191,8 @@ def load_model(
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source.name_or_path, **kwargs)
-    except OSError as err:
-        where = "Hub id (no network, or not found)" if source.kind == "hub" else "path"
-        raise UserInputError(f"cannot load model {source.spec} as a {where}: {_first_line(err)}") from None
+    except LOAD_ERRORS as err:
+        raise _load_error("model", source, err) from None
     if source.is_gguf:
         _strip_gguf_quantizer(model)
         if model.dtype != torch_dtype:

@@ -203,6 +203,20 @@ def _adapter_location(adapter: str) -> tuple[str, bool]:
     return adapter, False
 
 
+def check_adapter(adapter: str, revision: str | None = None) -> None:
+    """Refuse an adapter that cannot be loaded (missing folder, bad or unreachable ``adapter_config.json``) before any
+    model is loaded or any file written."""
+    from peft import PeftConfig
+
+    location, _ = _adapter_location(adapter)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        PeftConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"cannot load adapter {adapter} (a peft folder or Hub id): {first}") from None
+
+
 def load_adapter(model, adapter: str, merge: bool = True, revision: str | None = None):
     """Apply a peft adapter (local folder or Hub id) to ``model``.
 

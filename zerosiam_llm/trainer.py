@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
@@ -110,11 +112,40 @@ class ZeroSiamTrainer(DistillationTrainer):
         self._recorded_ids: set[str] | None = None  # problem ids already in this stream's predictions.jsonl
         self.nonfinite_streak = 0  # consecutive skipped (non-finite) updates
         self.nonfinite_total = 0
+        self.already_finished = False  # set by train() when the checkpoint resumed was already at the last step
         self.add_callback(RunRecordCallback(self))
+        # a step bar with ETA instead of HF's bar + a raw dict per step (the dict is in metrics.jsonl / report_to)
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.add_callback(StepProgressCallback(self, bar=not args.disable_tqdm))
         rules = parse_guard_rules(args.guard_rules)
         self.guard_callback = CollapseGuardCallback(self, rules) if rules else None
         if self.guard_callback is not None:
             self.add_callback(self.guard_callback)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """HF ``train``, except that resuming a checkpoint already at the planned step count trains nothing.
+
+        transformers resumes mid-epoch without checking ``global_step >= max_steps`` first, so re-running a finished
+        run would take one more step; here the checkpoint's weights are loaded and training is skipped.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            done = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json")).global_step
+            planned = self.planned_steps()
+            if done >= planned:
+                logger.warning("%s is at step %d of %d: nothing to train", resume_from_checkpoint, done, planned)
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+                self.already_finished = True
+                return None
+        self.already_finished = False
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def planned_steps(self) -> int:
+        """The optimisation steps a full run of this config takes (``max_steps``, or epochs x batches per epoch)."""
+        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
     # ---------------------------------------------------------------- rollouts
 
@@ -528,6 +559,44 @@ class RunRecordCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.close()
+
+
+class StepProgressCallback(ProgressCallback):
+    """A tqdm bar over optimisation steps (count, ETA) with loss, H(p_r) and monitor accuracy as its postfix; with
+    ``disable_tqdm`` one short line per logged step instead. The full per-step dict goes to ``metrics.jsonl`` and
+    ``report_to``, not to the terminal."""
+
+    SHOWN = (("loss", "loss"), ("entropy", "H(p_r)"), ("monitor/accuracy", "acc"))
+
+    def __init__(self, trainer: ZeroSiamTrainer, bar: bool) -> None:
+        super().__init__()
+        self.trainer, self.bar = trainer, bar
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.current_step = state.global_step
+        if state.is_world_process_zero and self.bar:
+            desc = " ".join(x for x in (args.method, self.trainer.stream_name) if x)
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc, unit="step",
+                                     dynamic_ncols=True)  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        shown = {label: f"{logs[key]:.4g}" for key, label in self.SHOWN if isinstance(logs.get(key), (int, float))}
+        if self.training_bar is not None:
+            self.training_bar.set_postfix(shown, refresh=True)
+        else:
+            values = ", ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"step {state.global_step}/{state.max_steps}: {values}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
 
 
 class CollapseGuardCallback(TrainerCallback):
