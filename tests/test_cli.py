@@ -258,6 +258,22 @@ def test_model_load_failures_are_one_line(make, message, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage", ["junk weights", "weights of another shape"])
+def test_unloadable_weights_are_one_line(damage, tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    if damage == "junk weights":
+        (model / "model.safetensors").write_bytes(b"\xff" * 100)
+    else:
+        config = json.loads((model / "config.json").read_text())
+        config["intermediate_size"] *= 2
+        (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    proc = train_py(*tiny_args(model, out))
+    assert_one_error_line(proc, f"cannot load model {model} from the folder {model} (expected a save_pretrained")
+    assert not out.exists()
+
+
 def test_a_read_only_output_dir_is_refused_before_the_model_loads(tmp_path, tiny_model_dir):
     if os.geteuid() == 0:  # root writes through chmod: use a folder the kernel refuses
         out = Path("/sys/zerosiam-test-out")

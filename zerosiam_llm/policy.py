@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from zerosiam_llm.errors import UserInputError
@@ -126,7 +127,7 @@ def warn_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
 
 
 # what transformers raises for a file it cannot use (bad weights, bad config, missing tokenizer files, ...)
-LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError)
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
 
 
 def _load_error(what: str, source: ModelSource, err: BaseException) -> UserInputError:
