@@ -1,14 +1,14 @@
-"""Adapt a model at test time with ZeroSiam (or Tent).
+"""Adapt a model at test time with ZeroSiam (or Tent). The same command as ``zerosiam-train``.
 
-python train.py                                   # the embedded default: SmolLM2-135M on CPU, offline
-python train.py --recipe qwen-0.5b.yaml           # a recipe from recipes/ (or a path)
-accelerate launch train.py --recipe NAME --learning_rate 3e-4 --method tent
+python train.py                                   # the bundled default: SmolLM2-135M on CPU, offline
+python train.py --recipe qwen-0.5b                # a bundled recipe (zerosiam_llm/recipes/, also at recipes/)
+python train.py --config my.yaml                  # your own YAML
+accelerate launch train.py --recipe qwen-0.5b.yaml --learning_rate 3e-4 --method tent
 """
 
 import sys
-from pathlib import Path
 
 from zerosiam_llm.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(train_main(recipes_dir=Path(__file__).resolve().parent / "recipes"))
+    sys.exit(train_main())

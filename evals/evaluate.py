@@ -8,9 +8,8 @@ python evals/evaluate.py --compare outputs/eval-base outputs/eval-zerosiam
 """
 
 import sys
-from pathlib import Path
 
 from zerosiam_llm.evaluation import main
 
 if __name__ == "__main__":
-    sys.exit(main(benchmarks_file=Path(__file__).resolve().parent / "benchmarks.yaml"))
+    sys.exit(main())

@@ -6,9 +6,8 @@ collapsed (see ``zerosiam_llm/stability.py`` and the README's "Stability" sectio
 """
 
 import sys
-from pathlib import Path
 
 from zerosiam_llm.stability import main
 
 if __name__ == "__main__":
-    sys.exit(main(train_script=Path(__file__).resolve().parents[1] / "train.py"))
+    sys.exit(main())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.config import build_config
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_inprocess(argv, capsys):
-    code = train_main(argv, recipes_dir=REPO / "recipes")
+    code = train_main(argv)
     return code, capsys.readouterr()
 
 
@@ -338,7 +339,7 @@ def test_trust_remote_code_warns_naming_the_code(tmp_path, tiny_model_dir):
 
 def test_short_help_card_scheduler_and_tent_summary(tmp_path, tiny_model_dir):
     short = train_py("-h")
-    assert short.returncode == 0 and short.stdout.startswith("usage: python train.py") and "--alpha" in short.stdout
+    assert short.returncode == 0 and short.stdout.startswith("usage: zerosiam-train") and "--alpha" in short.stdout
     out = tmp_path / "tent"
     proc = train_py(*tiny_args(tiny_model_dir, out, "--max_steps", 1, "--method", "tent", "--lr_scheduler_type",
                                "linear"))  # fmt: skip
@@ -346,6 +347,7 @@ def test_short_help_card_scheduler_and_tent_summary(tmp_path, tiny_model_dir):
     assert f"  adapter + card: {out}" in proc.stdout and "predictor" not in proc.stdout.split("steps")[-1]
     card = (out / "README.md").read_text()
     assert "linear schedule" in card and "SchedulerType" not in card
+    assert "trained with Tent" in card and "@inproceedings{wang2021tent" in card and "2509.23183" not in card
 
 
 def test_declared_extras_exist():
@@ -363,3 +365,53 @@ def test_declared_extras_exist():
         for extra in req.extras:
             assert extra in provided, f"{req.name} provides no extra {extra!r} (it has {provided})"
             assert canonicalize_name(extra) == extra
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The installed package: console scripts from an empty folder (recipes and benchmark definitions ship inside)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A plain (not editable) install of this checkout into a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target",
+                           str(target), str(REPO)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return target
+
+
+def test_console_scripts_work_from_an_empty_folder(installed, tmp_path, tiny_model_dir):
+    here = tmp_path / "empty"
+    here.mkdir()
+    env = {**ENV, "PYTHONPATH": str(installed)}
+
+    def script(name, *argv):
+        return subprocess.run([str(installed / "bin" / name), *map(str, argv)], capture_output=True, text=True,
+                              cwd=here, env=env, timeout=600)  # fmt: skip
+
+    where = subprocess.run([sys.executable, "-c", "import zerosiam_llm; print(zerosiam_llm.__file__)"], cwd=here,
+                           env=env, capture_output=True, text=True)  # fmt: skip
+    assert where.stdout.startswith(str(installed))  # the installed copy, not this checkout
+    assert {p.name for p in (installed / "zerosiam_llm" / "recipes").glob("*.yaml")} >= {"smollm2-135m-cpu.yaml"}
+    helped = script("zerosiam-train", "--help")
+    assert helped.returncode == 0 and "bundled recipes: " in helped.stdout and "smollm2-135m-cpu" in helped.stdout
+    trained = script("zerosiam-train", "--recipe", "smollm2-135m-cpu", "--max_steps", 1, "--model", tiny_model_dir,
+                     "--num_problems", 8, "--max_completion_length", 8, "--output_dir", "run")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert yaml.safe_load((here / "run" / "resolved_config.yaml").read_text())["recipe"] == "smollm2-135m-cpu"
+    own = here / "mine.yaml"
+    own.write_text(f"model: {tiny_model_dir}\nmethod: tent\nmax_steps: 1\nnum_problems: 8\nmax_completion_length: 8\n")
+    configured = script("zerosiam-train", "--config", own, "--output_dir", "mine")
+    assert configured.returncode == 0, configured.stderr[-3000:]
+    assert yaml.safe_load((here / "mine" / "resolved_config.yaml").read_text())["method"] == "tent"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "gsm8k_test.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "1+1\n#### 2"}) + "\n")
+    evaluated = script("zerosiam-eval", "--benchmarks", "gsm8k", "--data_dir", data, "--limit", 1, "--model",
+                       tiny_model_dir, "--max_new_tokens", 4, "--no_progress", "--output_dir", "eval")  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert (here / "eval" / "summary.json").is_file()
+    missing = script("zerosiam-train", "--config", "nope.yaml")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: config file nope.yaml does not exist")

@@ -34,7 +34,7 @@ def predictions(out, stream="arithmetic"):
 
 
 def run(argv):
-    return train_main(argv, recipes_dir=RECIPES)
+    return train_main(argv)
 
 
 def test_predictions_precede_updates(tiny_model_dir, tmp_path):

@@ -202,7 +202,7 @@ def test_bad_grid_files(tmp_path, change, message):
 
 def test_bad_grid_through_the_command_line(tmp_path, capsys):
     path = _write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}}, seeds=[])
-    assert main(TRAIN, ["--grid", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert main(["--grid", str(path), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: grid file {path}: seeds is missing or empty"]
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """ZeroSiamTrainer on a tiny random model (fast) and the real embedded SmolLM2 through train.py (slow)."""
 
+import inspect
 import json
 import os
 import signal
@@ -12,9 +13,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from trl import DistillationTrainer
 
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.files import read_jsonl
+from zerosiam_llm.trainer import ZeroSiamTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -29,7 +32,7 @@ def tiny_args(model_dir, out, *extra):
 
 
 def run(argv):
-    return train_main(argv, recipes_dir=RECIPES)
+    return train_main(argv)
 
 
 def adapter_state(out):
@@ -209,6 +212,9 @@ def test_push_to_hub_uploads_adapter_predictor_and_card(tiny_model_dir, tmp_path
     assert "**Trained without labels**" in card
     assert "ZeroSiam" in card and "library_name: peft" in card and "| steps | 2 |" in card
     assert "mean token entropy" in card
+    # TRL's card, completed: the paper cited and linked, the adapter's loading code, no template leftovers
+    assert "https://huggingface.co/papers/2509.23183" in card and "@inproceedings{chen2026zerosiam" in card
+    assert "PeftModel.from_pretrained" in card and "None" not in card and "Cite TRL as" in card
     for path in out.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
@@ -336,3 +342,66 @@ def test_predictor_optimizer(tiny_model_dir, tmp_path, predictor_optimizer):
         assert moved > 10 * lr  # d = 64: about 64 x lr
     with open(out / "resolved_config.yaml") as f:
         assert f"predictor_optimizer: {predictor_optimizer}" in f.read()
+
+
+def test_predictor_clip_holds_when_max_grad_norm_is_0(tiny_model_dir, tmp_path):
+    """transformers calls _clip_grad_norm only when max_grad_norm > 0; the predictor's clip must hold anyway."""
+    out = tmp_path / "no-global-clip"
+    lr, clip = 1e-3, 1e-4
+    assert run(tiny_args(tiny_model_dir, out, "--predictor_optimizer", "sgd", "--learning_rate", 1e-4,
+                         "--predictor_lr_ratio", 10, "--max_grad_norm", 0, "--predictor_max_grad_norm", clip)) == 0
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+    assert metrics[0]["grad_norm/predictor"] > 100 * clip  # the raw norm is logged; the step uses the clipped one
+    assert 0 < metrics[1]["zerosiam/predictor_deviation"] <= lr * clip + 1e-9
+
+
+def test_group_clipping_under_deepspeed_or_fsdp_is_refused(tmp_path):
+    from zerosiam_llm.config import ZeroSiamConfig
+    from zerosiam_llm.errors import UserInputError
+    from zerosiam_llm.trainer import check_group_clipping
+
+    args = ZeroSiamConfig(output_dir=str(tmp_path))
+    with pytest.raises(UserInputError, match="DeepSpeed and FSDP cannot do .* set predictor_max_grad_norm: 0"):
+        check_group_clipping(args, sharded=True)
+    check_group_clipping(args, sharded=False)
+    check_group_clipping(ZeroSiamConfig(output_dir=str(tmp_path), predictor_max_grad_norm=0.0), sharded=True)
+    check_group_clipping(ZeroSiamConfig(output_dir=str(tmp_path), method="tent"), sharded=True)
+
+
+# the hooks of TRL / transformers this project overrides or calls (private ones can change in any release): a TRL
+# upgrade that renames or reshapes one fails here, loudly, instead of being silently bypassed
+OVERRIDDEN = ("_get_train_sampler", "_generate_single_turn", "_prepare_inputs", "training_step",
+              "_generate_and_score_completions", "_compute_loss", "create_optimizer", "_clip_grad_norm",
+              "_get_grad_norm", "_save", "_load_from_checkpoint", "create_model_card")  # fmt: skip
+CALLED = {
+    "_get_last_hidden_state": ("unwrapped_model", "input_ids", "attention_mask", "logits_to_keep"),
+    "set_initial_training_values": ("args", "dataloader"),
+    "_has_mixed_mesh_grads": ("model",),
+    "get_train_dataloader": (),
+    "train": ("resume_from_checkpoint",),
+}
+
+
+def _parameters(fn) -> list[tuple[str, object]]:
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", OVERRIDDEN)
+def test_overridden_hooks_keep_their_signatures(name):
+    parent = getattr(DistillationTrainer, name, None)
+    assert parent is not None, f"DistillationTrainer.{name} is gone: ZeroSiamTrainer.{name} would never be called"
+    assert _parameters(getattr(ZeroSiamTrainer, name)) == _parameters(parent), f"{name} changed its signature"
+
+
+def test_called_hooks_and_helpers_exist():
+    from trl.generation.vllm_generation import VLLMGeneration
+    from trl.trainer.utils import RepeatSampler
+
+    for name, leading in CALLED.items():
+        fn = getattr(DistillationTrainer, name, None)
+        assert fn is not None, f"DistillationTrainer.{name} is gone"
+        names = [p for p, _ in _parameters(fn)][1 : 1 + len(leading)]
+        assert tuple(names) == leading, f"{name}{inspect.signature(fn)}"
+    assert [p for p, _ in _parameters(VLLMGeneration._iter_named_params)] == ["self"]
+    assert [p for p, _ in _parameters(RepeatSampler.__init__)][1:7] == [
+        "data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed"]  # fmt: skip

@@ -1,10 +1,14 @@
-"""The model card (README.md) written next to the adapter and pushed to the Hub with it."""
+"""The model card (README.md) written next to the adapter and pushed to the Hub with it.
+
+TRL writes the card (``create_model_card``: front matter, the method's paper, framework versions, citations); this
+module completes it with what a test-time-adapted adapter needs: how to load it with its base model, that it was
+trained without labels, the recipe's settings and the collapse metrics.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from zerosiam_llm.files import atomic_write_text
 from zerosiam_llm.policy import resolve_model
@@ -17,13 +21,44 @@ CARD_METRICS = {
     "completions/answer_rate": "share of completions with an extractable answer",
     "monitor/accuracy": "monitor-only accuracy against gold answers (never used for training)",
 }
+PAPERS = {
+    "zerosiam": {
+        "name": "ZeroSiam",
+        "title": "ZeroSiam: An Efficient Asymmetry for Test-Time Entropy Optimization without Collapse",
+        "id": "2509.23183",
+        "citation": (
+            "@inproceedings{chen2026zerosiam,\n  title={ZeroSiam: An Efficient Asymmetry for Test-Time Entropy "
+            "Optimization without Collapse},\n  author={Chen, Guohao and Niu, Shuaicheng and Chen, Deyu and Yang, "
+            "Jiahao and Zhang, Zitian and Tan, Mingkui and Wu, Pengcheng and Shen, Zhiqi},\n  booktitle={ICLR},\n"
+            "  year={2026}\n}"
+        ),
+    },
+    "tent": {
+        "name": "Tent",
+        "title": "Tent: Fully Test-time Adaptation by Entropy Minimization",
+        "id": "2006.10726",
+        "citation": (
+            "@inproceedings{wang2021tent,\n  title={Tent: Fully Test-time Adaptation by Entropy Minimization},\n"
+            "  author={Wang, Dequan and Shelhamer, Evan and Liu, Shaoteng and Olshausen, Bruno and Darrell, Trevor},\n"
+            "  booktitle={ICLR},\n  year={2021}\n}"
+        ),
+    },
+}
 
 
-def _base_model_id(spec: str) -> str | None:
-    source = resolve_model(spec) if not spec.startswith("embedded:") else None
+def base_model_id(spec: str) -> str | None:
+    """The Hub id a model spec stands for (the embedded GGUF is SmolLM2-135M-Instruct), None for local files."""
     if spec.startswith("embedded:"):
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return source.name_or_path if source is not None and source.kind == "hub" else None
+    source = resolve_model(spec)
+    return source.name_or_path if source.kind == "hub" else None
+
+
+def card_dataset(args) -> str | None:
+    """The data set to name in the card's metadata: a Hub id, not a local file or generated problems."""
+    if args.dataset.startswith("generated:") or Path(args.dataset).exists():
+        return None
+    return args.dataset
 
 
 def _first_last(metrics: list[dict], key: str) -> tuple[float | None, float | None]:
@@ -31,53 +66,41 @@ def _first_last(metrics: list[dict], key: str) -> tuple[float | None, float | No
     return (values[0], values[-1]) if values else (None, None)
 
 
-def render_model_card(args, metrics: list[dict]) -> str:
-    """Markdown with Hub front matter: base model, method, recipe, data, 'trained without labels', metrics."""
-    base = _base_model_id(args.model)
-    method = "ZeroSiam" if args.method == "zerosiam" else "Tent (entropy minimisation)"
-    front = {
-        "library_name": "peft",
-        "tags": ["zerosiam", "test-time-adaptation", "entropy-minimization", "lora", "trl"],
-        "license": "other",
-    }
-    if base:
-        front["base_model"] = base
-    if not args.dataset.startswith("generated:") and not Path(args.dataset).exists():
-        front["datasets"] = [args.dataset]
-    steps = max((m.get("step", 0) for m in metrics), default=0)
-    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum: print "linear"
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
-        "",
-        f"# {Path(args.output_dir).name}: {method} adapter for {base or args.model}",
-        "",
-        f"A LoRA adapter for `{base or args.model}` adapted at test time with **{method}** on unlabeled prompts "
-        f"from `{args.dataset}`. **Trained without labels**: the loss is the model's own token entropy"
-        + (
-            " plus a stop-gradient alignment term through a learned predictor (ZeroSiam, ICLR 2026, "
-            "arXiv 2509.23183), which rules out collapsed solutions."
-            if args.method == "zerosiam"
-            else "."
-        )
-        + " Gold answers, where the data had them, were used only for monitoring.",
-        "",
+def _use_section(args) -> str:
+    base = base_model_id(args.model) or args.model
+    predictor = (
+        " (kept as `zerosiam_predictor.safetensors` to resume training)." if args.method == "zerosiam" else "."
+    )
+    return "\n".join([
         "## Use",
         "",
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base or args.model}")',
+        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
         'model = PeftModel.from_pretrained(base, "<this repo or folder>")',
         "```",
         "",
-        "This is a normal peft adapter. Answers are generated with the base model + LoRA; the ZeroSiam predictor "
-        "exists only inside the training loss"
-        + (" (kept as `zerosiam_predictor.safetensors` to resume training)." if args.method == "zerosiam" else "."),
+        "This is a normal peft adapter: answers come from the base model + LoRA. The ZeroSiam predictor exists only "
+        "inside the training loss" + predictor,
         "",
-        "## Training",
+    ])  # fmt: skip
+
+
+def _training_section(args, metrics: list[dict]) -> str:
+    method = "ZeroSiam" if args.method == "zerosiam" else "Tent (entropy minimisation)"
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum: print "linear"
+    steps = max((m.get("step", 0) for m in metrics), default=0)
+    loss = (
+        " plus a stop-gradient alignment term through a learned predictor, which rules out collapsed solutions."
+        if args.method == "zerosiam"
+        else "."
+    )
+    lines = [
+        f"Adapted at test time with **{method}** on unlabeled prompts from `{args.dataset}`. **Trained without "
+        f"labels**: the loss is the model's own token entropy{loss} Gold answers, where the data had them, were "
+        "used only for monitoring.",
         "",
         "| setting | value |",
         "|---|---|",
@@ -87,20 +110,20 @@ def render_model_card(args, metrics: list[dict]) -> str:
         f"| protocol | {args.protocol} |",
     ]
     if args.method == "zerosiam":
-        lines += [
-            f"| predictor | {args.predictor}"
-            + (f", rank {args.predictor_rank}" if args.predictor == "lora" else "")
-            + f", lr {args.resolved_predictor_learning_rate:g} |",
-        ]
+        rank = f", rank {args.predictor_rank}" if args.predictor == "lora" else ""
+        lines.append(
+            f"| predictor | {args.predictor}{rank}, {args.resolved_predictor_optimizer}, "
+            f"lr {args.resolved_predictor_learning_rate:g} |"
+        )
+    lora_alpha = args.lora_alpha or 2 * args.lora_r
     lines += [
-        f"| LoRA | r = {args.lora_r}, alpha = {args.lora_alpha or 2 * args.lora_r}, "
-        f"targets {args.lora_target_modules} |",
+        f"| LoRA | r = {args.lora_r}, alpha = {lora_alpha}, targets {args.lora_target_modules} |",
         f"| optimizer | {args.optimizer}, lr {args.learning_rate:g}, {scheduler} schedule |",
         f"| data | `{args.dataset}` ({args.question_field}), {args.num_rollouts} rollout(s) per prompt |",
         f"| rollouts | T = {args.temperature}, max {args.max_completion_length} new tokens |",
         f"| steps | {steps} |",
         "",
-        "## Metrics (first logged step -> last)",
+        "### Metrics (first logged step -> last)",
         "",
         "| metric | first | last |",
         "|---|---|---|",
@@ -109,11 +132,41 @@ def render_model_card(args, metrics: list[dict]) -> str:
         first, last = _first_last(metrics, key)
         if first is not None:
             lines.append(f"| {label} | {first:.4g} | {last:.4g} |")
-    lines += ["", "Made with [zerosiam-llm](https://github.com/) on TRL.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
-def write_model_card(args, output_dir: Path, metrics: list[dict]) -> Path:
-    path = Path(output_dir) / "README.md"
-    atomic_write_text(path, render_model_card(args, metrics))
-    return path
+def _sections(text: str) -> list[tuple[str, str]]:
+    """``[(heading line, body), ...]`` split at ``## `` headings; the first heading is "" (the text before)."""
+    out, heading, body = [], "", []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            out.append((heading, "\n".join(body)))
+            heading, body = line, []
+        else:
+            body.append(line)
+    out.append((heading, "\n".join(body)))
+    return out
+
+
+def complete_model_card(path: str | Path, args, metrics: list[dict[str, Any]]) -> None:
+    """Add the adapter's use, settings and collapse metrics to the card TRL wrote at ``path``."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(path)
+    card.data.library_name = "peft"
+    if card.data.base_model is None:
+        card.data.base_model = base_model_id(args.model)
+    if card_dataset(args):
+        card.data.datasets = [card_dataset(args)]
+    parts = []
+    for heading, body in _sections(card.text):
+        if heading == "## Quick start":  # TRL's pipeline snippet names a Hub repo; an adapter loads onto its base
+            parts.append(_use_section(args))
+            continue
+        if heading == "## Training procedure":
+            body = "\n" + _training_section(args, metrics) + body
+        if not heading:  # TRL names no base model for a local folder: say which one it was
+            body = body.replace("[None](https://huggingface.co/None)", f"`{args.model}`")
+        parts.append(f"{heading}\n{body}" if heading else body)
+    card.text = "\n".join(parts)
+    atomic_write_text(path, str(card))

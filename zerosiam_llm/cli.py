@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from zerosiam_llm.config import ZeroSiamConfig, build_config, help_text, parse_overrides
+from zerosiam_llm.config import ZeroSiamConfig, available_recipes, build_config, help_text, parse_overrides
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_write_text, check_writable, read_jsonl
 
@@ -187,19 +187,26 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"  STOPPED: {stop['message']}\n  the saved adapter is the last healthy one: {stop['adapter_from']}")
 
 
-USAGE = "usage: python train.py [--recipe NAME_OR_PATH] [--field value ...] [--debug]"
+USAGE = (
+    "usage: zerosiam-train (or python train.py) [--recipe NAME | --config FILE.yaml] [--field value ...] [--debug]\n"
+    f"bundled recipes: {', '.join(available_recipes())} (default {DEFAULT_RECIPE}); --config takes your own YAML"
+)
 
 
-def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
+def train(argv: list[str]) -> int:
     overrides, rest = parse_overrides(argv)
     if "help" in overrides or "-h" in rest:
         print(f"{USAGE}\n{help_text()}")
         return 0
     if rest:
         raise UserInputError(f"unexpected argument {rest[0]!r}; use --field value")
-    recipe = overrides.pop("recipe", None)
-    recipes_dir = Path(recipes_dir) if recipes_dir is not None else Path.cwd() / "recipes"
-    config = build_config(recipe, overrides, recipes_dir, default_recipe=DEFAULT_RECIPE)
+    recipe, config_file = overrides.pop("recipe", None), overrides.pop("config", None)
+    if recipe and config_file:
+        raise UserInputError("give --recipe NAME (bundled) or --config FILE.yaml (your own), not both")
+    if config_file and not Path(config_file).expanduser().is_file():
+        raise UserInputError(f"config file {config_file} does not exist (--config takes a YAML file; --recipe NAME "
+                             f"a bundled recipe: {', '.join(available_recipes())})")  # fmt: skip
+    config = build_config(recipe or config_file, overrides, default_recipe=DEFAULT_RECIPE)
 
     from accelerate import PartialState
     from transformers import set_seed
@@ -214,7 +221,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
     if config.protocol == "online" and config.compare_methods:
         from zerosiam_llm.online import compare_methods, comparison_table
 
-        results = compare_methods(config, argv, str(Path(recipes_dir).parent / "train.py"))
+        results = compare_methods(config, argv)
         print(comparison_table(results, f"Online protocol, {config.model}"))
         print(f"table: {Path(config.output_dir) / 'comparison.md'} and comparison.json")
         return 0
@@ -225,7 +232,7 @@ def train(argv: list[str], recipes_dir: str | Path | None = None) -> int:
               "continues it, --overwrite_output_dir starts over)")  # fmt: skip
         return 0
     if config.protocol == "online":
-        return _train_online(config, source, plan, recipes_dir)
+        return _train_online(config, source, plan)
     problems = _config_problems(config)
     set_seed(config.seed)
     tokenizer = load_tokenizer(source, config.trust_remote_code)
@@ -286,7 +293,7 @@ def _stream_name(dataset: str) -> str:
     return Path(dataset).stem if Path(dataset).suffix else dataset.rstrip("/").split("/")[-1]
 
 
-def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan, recipes_dir: Path | None = None) -> int:
+def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan) -> int:
     from zerosiam_llm.online import run_streams
     from zerosiam_llm.policy import load_tokenizer
 
@@ -298,9 +305,7 @@ def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan, recipes_dir:
             select_benchmarks,
         )
 
-        default_file = Path(recipes_dir).parent / "evals" / "benchmarks.yaml" if recipes_dir else None
-        path = config.benchmarks_file or (default_file if default_file and default_file.is_file() else None)
-        definitions = load_benchmarks(find_benchmarks_file(path))
+        definitions = load_benchmarks(find_benchmarks_file(config.benchmarks_file))
         streams = []
         for bench in select_benchmarks(",".join(config.benchmarks), definitions):
             problems, _ = load_benchmark_problems(bench, config.data_dir)
@@ -325,5 +330,6 @@ def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan, recipes_dir:
     return 0
 
 
-def train_main(argv: list[str] | None = None, recipes_dir: str | Path | None = None) -> int:
-    return run_cli(lambda a: train(a, recipes_dir), argv)
+def train_main(argv: list[str] | None = None) -> int:
+    """``zerosiam-train`` / ``python train.py`` / ``python -m zerosiam_llm``."""
+    return run_cli(train, argv)

@@ -160,12 +160,12 @@ class ZeroSiamConfig(DistillationConfig):
     benchmarks: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Online: benchmark streams (e.g. math500,aime24) from evals/benchmarks.yaml; each starts from the "
+            "help": "Online: benchmark streams (e.g. math500,aime24) from benchmarks.yaml; each starts from the "
             "base model. None = the `dataset` as one stream."
         },
     )
     benchmarks_file: str | None = field(
-        default=None, metadata={"help": "Benchmark definitions (YAML); default: evals/benchmarks.yaml of the repo."}
+        default=None, metadata={"help": "Benchmark definitions (YAML); default: the package's benchmarks.yaml."}
     )
     data_dir: str | None = field(
         default=None, metadata={"help": "Folder with local benchmark JSONL files (no network needed)."}
@@ -435,13 +435,16 @@ def _type_hints() -> dict[str, Any]:
     return typing.get_type_hints(ZeroSiamConfig)
 
 
-def available_recipes(recipes_dir: str | os.PathLike) -> list[str]:
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped in the package: works from any folder
+
+
+def available_recipes(recipes_dir: str | os.PathLike = RECIPES_DIR) -> list[str]:
     recipes_dir = Path(recipes_dir)
     return sorted(p.stem for p in recipes_dir.glob("*.yaml")) if recipes_dir.is_dir() else []
 
 
-def resolve_recipe(name_or_path: str, recipes_dir: str | os.PathLike) -> Path:
-    """A recipe path: an existing file, else ``recipes_dir/NAME`` or ``recipes_dir/NAME.yaml``."""
+def resolve_recipe(name_or_path: str, recipes_dir: str | os.PathLike = RECIPES_DIR) -> Path:
+    """A recipe path: an existing file, else the bundled ``recipes_dir/NAME`` or ``recipes_dir/NAME.yaml``."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -583,7 +586,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def build_config(
     recipe: str | None,
     overrides: dict[str, Any],
-    recipes_dir: str | os.PathLike,
+    recipes_dir: str | os.PathLike = RECIPES_DIR,
     default_recipe: str | None = None,
 ) -> ZeroSiamConfig:
     """Recipe YAML (or the default recipe) + overrides -> a validated :class:`ZeroSiamConfig`."""

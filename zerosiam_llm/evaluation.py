@@ -81,12 +81,12 @@ SUMMARY_MD = "summary.md"
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 RUN_FORMAT = "zerosiam-eval/1"
-DEFAULT_BENCHMARKS_FILE = Path("evals") / "benchmarks.yaml"
+BENCHMARKS_FILE = Path(__file__).resolve().parent / "benchmarks.yaml"  # shipped in the package
 EXTRACTION_RULE = 'last complete \\boxed{}, else "the (final) answer is ...", else the last number'
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Benchmark definitions (evals/benchmarks.yaml)
+# Benchmark definitions (zerosiam_llm/benchmarks.yaml, shipped in the package)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -138,19 +138,13 @@ def load_benchmarks(path: str | os.PathLike) -> dict[str, Benchmark]:
     return benchmarks
 
 
-def find_benchmarks_file(explicit: str | os.PathLike | None) -> Path:
-    """The benchmarks file: ``--benchmarks_file``, else ``evals/benchmarks.yaml`` under the current directory."""
-    if explicit is not None:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise UserInputError(f"benchmarks file {path} does not exist")
-        return path
-    path = Path.cwd() / DEFAULT_BENCHMARKS_FILE
+def find_benchmarks_file(explicit: str | os.PathLike | None = None) -> Path:
+    """The benchmarks file: ``--benchmarks_file``, else the definitions shipped in the package (any folder works)."""
+    if explicit is None:
+        return BENCHMARKS_FILE
+    path = Path(explicit).expanduser()
     if not path.is_file():
-        raise UserInputError(
-            f"cannot find {DEFAULT_BENCHMARKS_FILE} in {Path.cwd()}; run from the repository root, use "
-            "`python evals/evaluate.py`, or pass --benchmarks_file PATH"
-        )
+        raise UserInputError(f"benchmarks file {path} does not exist")
     return path
 
 
@@ -1011,7 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="Hub id, local folder, .gguf file or embedded:smollm2-135m")
     parser.add_argument("--adapter", help="peft adapter folder or Hub id (e.g. a train.py output_dir)")
     parser.add_argument("--benchmarks", default="all", help="comma-separated names from the benchmarks file, or all")
-    parser.add_argument("--benchmarks_file", help="benchmark definitions (default: evals/benchmarks.yaml)")
+    parser.add_argument("--benchmarks_file", help="benchmark definitions (default: the package's benchmarks.yaml)")
     parser.add_argument("--data_dir", help="read <data_dir>/<local_file> (e.g. gsm8k_test.jsonl) instead of the Hub")
     parser.add_argument("--data_file", action="append", metavar="NAME=PATH", help="a local file for one benchmark")
     parser.add_argument("--limit", type=_count, help="only the first N problems of each benchmark")

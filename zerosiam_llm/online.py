@@ -158,7 +158,7 @@ def comparison_table(results: dict[str, dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
-def compare_methods(config: ZeroSiamConfig, argv: list[str], train_script: str) -> dict[str, Any]:
+def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
     """Run each method in its own process (clean GPU memory, resumable) on the same streams; write the table."""
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str], train_script: str) 
     results = {}
     for method in config.compare_methods:
         out = root / method
-        cmd = [sys.executable, train_script, *base, "--method", method, "--output_dir", str(out)]
+        cmd = [sys.executable, "-m", "zerosiam_llm", *base, "--method", method, "--output_dir", str(out)]
         print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd)
         if proc.returncode != 0:

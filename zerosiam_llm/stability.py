@@ -634,8 +634,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(message)
 
 
-def main(train_script: str | os.PathLike, argv: list[str] | None = None) -> int:
-    """The command line; each cell runs ``python train_script ...`` (the repository's ``train.py``)."""
+TRAIN_COMMAND = (sys.executable, "-m", "zerosiam_llm")  # the training command, from any folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; each cell runs ``python -m zerosiam_llm ...`` (the training command) in its own process."""
     from zerosiam_llm.cli import run_cli
 
     def _main(args: list[str]) -> int:
@@ -657,7 +660,7 @@ def main(train_script: str | os.PathLike, argv: list[str] | None = None) -> int:
                     records[cell] = json.loads(path.read_text())
             write_report(grid, records, ns.output_dir)
         else:
-            _, failed = run_grid(grid, ns.output_dir, [sys.executable, str(train_script)], ns.data_dir, ns.threads)
+            _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads)
             if failed:
                 return 1
         print((ns.output_dir / "stability.md").read_text())

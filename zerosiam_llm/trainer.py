@@ -30,6 +30,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
+from zerosiam_llm.card import PAPERS
 from zerosiam_llm.config import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, atomic_path, atomic_write_json, read_jsonl
@@ -55,16 +56,7 @@ class ZeroSiamTrainer(DistillationTrainer):
 
     _tag_names = ["trl", "zerosiam", "test-time-adaptation", "entropy-minimization"]
     _name = "ZeroSiam"
-    _paper = {
-        "title": "ZeroSiam: An Efficient Asymmetry for Test-Time Entropy Optimization without Collapse",
-        "id": "2509.23183",
-        "citation": (
-            "@inproceedings{chen2026zerosiam,\n  title={ZeroSiam: An Efficient Asymmetry for Test-Time Entropy "
-            "Optimization without Collapse},\n  author={Chen, Guohao and Niu, Shuaicheng and Chen, Deyu and Yang, "
-            "Jiahao and Zhang, Zitian and Tan, Mingkui and Wu, Pengcheng and Shen, Zhiqi},\n  booktitle={ICLR},\n"
-            "  year={2026}\n}"
-        ),
-    }
+    _paper = PAPERS["zerosiam"]  # create_model_card cites the paper of the method a run used
 
     def __init__(
         self,
@@ -94,6 +86,7 @@ class ZeroSiamTrainer(DistillationTrainer):
             callbacks=callbacks,
             peft_config=peft_config,
         )
+        check_group_clipping(args, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled)
         # made before the predictor is attached: the copy generates, it never holds P
         self._rollout_copy = self._make_rollout_copy()
         self.predictor: Predictor | None = None
@@ -493,7 +486,8 @@ class ZeroSiamTrainer(DistillationTrainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         if grad_norm is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            return self._per_group_norms(model, clip=False)
+            # max_grad_norm 0: transformers never calls _clip_grad_norm, but the predictor's own clip still holds
+            return self._per_group_norms(model, clip=True)
         return super()._get_grad_norm(model, grad_norm)
 
     # ---------------------------------------------------------------- save / load
@@ -522,11 +516,17 @@ class ZeroSiamTrainer(DistillationTrainer):
             self.guard_callback.guard.load_state_dict(json.loads(guard_state.read_text(encoding="utf-8")))
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
+        """TRL's card (front matter, the method's paper, versions, citations) completed with the adapter's use, the
+        settings and the collapse metrics (``card.py``)."""
         if not self.is_world_process_zero():
             return
-        from zerosiam_llm.card import write_model_card
+        from zerosiam_llm.card import card_dataset, complete_model_card
 
-        write_model_card(self.args, Path(self.args.output_dir), read_jsonl(Path(self.args.output_dir) / METRICS_FILE))
+        out = Path(self.args.output_dir)
+        self._paper = PAPERS["zerosiam" if self.args.method == "zerosiam" else "tent"]  # the method this run used
+        self._name = self._paper["name"]
+        super().create_model_card(model_name or out.name, dataset_name or card_dataset(self.args), tags)
+        complete_model_card(out / "README.md", self.args, read_jsonl(out / METRICS_FILE))
 
     def close(self) -> None:
         if self._owns_grader and self._grader is not None:
@@ -712,6 +712,17 @@ class CollapseGuardCallback(TrainerCallback):
                 param.copy_(saved[name].to(param.device, param.dtype))
         logger.warning("collapse guard: restored weights from %s", source)
         return source
+
+
+def check_group_clipping(args: ZeroSiamConfig, sharded: bool) -> None:
+    """Per-group clipping needs the gradients in one process's hands; DeepSpeed and FSDP clip every gradient together
+    with ``max_grad_norm`` inside the engine, where the predictor's larger gradient would set the scale for LoRA."""
+    if sharded and args.uses_predictor and args.predictor_max_grad_norm > 0:
+        raise UserInputError(
+            "predictor_max_grad_norm clips the predictor's gradients apart from LoRA's, which DeepSpeed and FSDP "
+            "cannot do (they clip all gradients together with max_grad_norm); train with DDP "
+            "(recipes/accelerate/ddp.yaml), or set predictor_max_grad_norm: 0 to accept one global clip"
+        )
 
 
 def _check_head_supported(model) -> None:
