@@ -18,7 +18,6 @@ from zerosiam_llm.grading import (
     bootstrap_ci,
     extract_answer,
     gold_answer,
-    grade_answers,
     has_boxed,
     maj_at_k,
     majority_answer,
@@ -159,8 +158,9 @@ def test_grader_bad_arguments(grader):
         grader.grade(["1", "2"], ["1"])
 
 
-def test_grade_answers_convenience():
-    assert grade_answers(["1/2", "4"], ["0.5", "5"], timeout_s=5.0) == [True, False]
+def test_grader_as_a_context_manager():
+    with Grader(timeout_s=5.0) as grader:
+        assert grader.grade(["1/2", "4"], ["0.5", "5"]) == [True, False]
 
 
 def test_grader_closed():

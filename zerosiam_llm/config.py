@@ -181,7 +181,7 @@ class ZeroSiamConfig(DistillationConfig):
         metadata={
             "help": "Collapse-guard rules, e.g. [{metric: zerosiam/entropy_target, below: 0.1, for_steps: 3, action: "
             "stop}]; actions warn, stop (keep the last healthy adapter), rollback (restore it, lr_factor). "
-            "null = monitor.DEFAULT_GUARD_RULES, [] = off."
+            "null = monitoring.DEFAULT_GUARD_RULES, [] = off."
         },
     )
     healthy_checkpoints: int = field(
@@ -381,7 +381,7 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError(f"num_problems must be > 0 or null, got {self.num_problems}")
         if not self.lora_dropout < 1:
             raise UserInputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        from zerosiam_llm.monitor import parse_guard_rules
+        from zerosiam_llm.monitoring import parse_guard_rules
 
         rules = parse_guard_rules(self.guard_rules)  # refused here, before any work starts
         if any(r.action == "rollback" for r in rules) and (self.deepspeed or self.fsdp):

@@ -7,7 +7,7 @@ A grid file names a base recipe, the learning rates, seeds, streams and the conf
 ``zerosiam-adamw-x10``, ...: recipe fields each). Every cell (stream x configuration x learning rate x seed) is one
 online-protocol run of ``train.py`` in its own folder: greedy predictions on a stream of ``batches`` batches, one
 update per batch. Each finished run is classified from its logged metrics with the collapse guard's rules
-(:data:`zerosiam_llm.monitor.DEFAULT_GUARD_RULES`, replayed over ``metrics.jsonl``):
+(:data:`zerosiam_llm.monitoring.DEFAULT_GUARD_RULES`, replayed over ``metrics.jsonl``):
 
 - **collapsed**: over the last :data:`FINAL_WINDOW` updates, H(p_r) is below the entropy rule's threshold, more than
   the dominance rule's share of tokens are predicted with p > 0.99, and the output is degenerate: the answer rate is
@@ -40,7 +40,7 @@ from typing import Any
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_write_json, atomic_write_text, load_yaml, read_jsonl
 from zerosiam_llm.grading import wilson_interval
-from zerosiam_llm.monitor import DEFAULT_GUARD_RULES, GuardEvent, parse_guard_rules, replay_guard
+from zerosiam_llm.monitoring import DEFAULT_GUARD_RULES, GuardEvent, parse_guard_rules, replay_guard
 from zerosiam_llm.plots import METRICS_FILE, series
 
 FINAL_WINDOW = 3  # "final" values: the mean over the last 3 updates (one update is 8 answers: noisy)

@@ -34,7 +34,7 @@ from zerosiam_llm.card import PAPERS
 from zerosiam_llm.config import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, atomic_path, atomic_write_json, read_jsonl
-from zerosiam_llm.monitor import CollapseGuard, answer_dominance, base_model_nll, parse_guard_rules, repetition_stats
+from zerosiam_llm.monitoring import CollapseGuard, base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
 from zerosiam_llm.objectives import zerosiam_loss
 from zerosiam_llm.optimizers import AdamWWithSGDGroups
 from zerosiam_llm.policy import PREDICTOR_ATTRIBUTE, attach_predictor, causal_lm, get_predictor, lm_head_weight
@@ -296,18 +296,11 @@ class ZeroSiamTrainer(DistillationTrainer):
         rows = gather_object(rows)
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        shares = [r["repeated_ngram_share"] for r in rows]
-        spans = [r["longest_repeated_span"] for r in rows]
-        metrics["monitor/repetition"].append(sum(shares) / len(shares))
-        metrics["monitor/repetition_max"].append(max(shares))
-        metrics["monitor/longest_repeated_span"].append(sum(spans) / len(spans))
-        for name, value in answer_dominance([r["answer"] for r in rows]).items():
-            metrics[f"monitor/{name}"].append(value)
-        metrics["completions/answer_rate"].append(sum(r["answer"] is not None for r in rows) / len(rows))
+        for name, value in rollout_metrics(rows).items():
+            metrics[name].append(value)
         if self.args.protocol == "online" and mode == "train":
             self._record_predictions(inputs, rows)
             return
-        metrics["completions/boxed_rate"].append(sum(r["boxed"] for r in rows) / len(rows))
         graded = [r for r in rows if r["gold"] is not None]
         if graded and (step - 1) % self.args.monitor_every == 0 and self.accelerator.is_main_process:
             verdicts = self.grader.grade([r["gold"] for r in graded], [r["answer"] for r in graded])

@@ -9,16 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.monitor import (
+from zerosiam_llm.monitoring import (
     DEFAULT_GUARD_RULES,
     KNOWN_METRICS,
     CollapseGuard,
-    MonitorConfig,
     answer_dominance,
-    answer_rates,
     base_model_nll,
-    batch_repetition,
-    length_stats,
     longest_repeated_span,
     parse_guard_rules,
     repeated_ngram_share,
@@ -82,15 +78,19 @@ def test_long_loop_is_fast_and_exact():
     assert repetition_stats(ids) == {"repeated_ngram_share": 1.0, "longest_repeated_span": 4092.0}
 
 
-def test_batch_repetition_means_and_max():
-    out = batch_repetition([[1, 2, 3, 4] * 3, list(range(12))])
-    assert out == {
-        "repetition": 0.5,
-        "repetition_max": 1.0,
-        "longest_repeated_span": (8 + 0) / 2,
-        "longest_repeated_span_max": 8.0,
-    }
-    assert batch_repetition([])["repetition"] == 0.0
+def rows_of(completions, answers, boxed=None):
+    """One row per completion, as the trainer builds them."""
+    boxed = boxed or [False] * len(completions)
+    triples = zip(completions, answers, boxed, strict=True)
+    return [{**repetition_stats(ids), "answer": a, "boxed": b} for ids, a, b in triples]
+
+
+def test_rollout_metrics_means_and_max():
+    out = rollout_metrics(rows_of([[1, 2, 3, 4] * 3, list(range(12))], ["5", None], [True, False]))
+    assert out["monitor/repetition"] == 0.5 and out["monitor/repetition_max"] == 1.0
+    assert out["monitor/longest_repeated_span"] == (8 + 0) / 2
+    assert out["completions/answer_rate"] == 0.5 and out["completions/boxed_rate"] == 0.5
+    assert rollout_metrics([])["monitor/repetition"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------- answers, lengths
@@ -105,17 +105,8 @@ def test_answer_dominance():
     assert answer_dominance([]) == {"dominance": 0.0, "distinct_answers": 0.0}
 
 
-def test_answer_rates_and_lengths():
-    rates = answer_rates(["so \\boxed{5}", "the answer is 7", "no idea", "loop loop loop"])
-    assert rates == {"answer_rate": 0.5, "boxed_rate": 0.25}
-    assert answer_rates([]) == {"answer_rate": 0.0, "boxed_rate": 0.0}
-    assert length_stats([10, 96, 50, 96], 96) == {"mean_length": 63.0, "max_length": 96.0, "truncation_rate": 0.5}
-    with pytest.raises(UserInputError, match="max_new_tokens"):
-        length_stats([1], 0)
-
-
 def test_rollout_metrics_names_are_known():
-    out = rollout_metrics([[1, 2, 3, 4] * 3, [1, 2, 3, 4] * 3], ["3", "3"])
+    out = rollout_metrics(rows_of([[1, 2, 3, 4] * 3, [1, 2, 3, 4] * 3], ["3", "3"]))
     assert out["monitor/repetition"] == 1.0 and out["monitor/dominance"] == 1.0
     assert set(out) <= set(KNOWN_METRICS)
 
@@ -183,8 +174,6 @@ def test_default_rules_parse_and_cover_the_design_signals():
     }  # fmt: skip
     assert [r.action for r in rules].count("stop") == 1
     assert parse_guard_rules([]) == []
-    config = MonitorConfig.build(guard_rules=[{"metric": "loss", "non_finite": True, "action": "stop"}])
-    assert config.repetition_ngram == 4 and len(config.guard_rules) == 1
 
 
 @pytest.mark.parametrize(
