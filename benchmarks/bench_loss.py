@@ -60,8 +60,8 @@ def make_step(variant: str, batch: int, length: int, prompt: int):
     """A function timing one backbone forward + loss + backward of ``variant`` (the model is loaded once)."""
     import torch
 
+    from zerosiam_llm.modeling import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
     from zerosiam_llm.objectives import reference_terms, tent_loss, zerosiam_loss
-    from zerosiam_llm.policy import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
     from zerosiam_llm.predictor import Predictor
 
     global _MODEL

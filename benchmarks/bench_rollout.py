@@ -1,7 +1,7 @@
-"""CPU rollout throughput on the same prompts: plain fp32 `model.generate`; the evaluation path (zerosiam_llm.rollout.
-HFGenerator: sorted batching, left padding, adapters merged, fp32 and bf16 on CPUs with avx512_bf16); the training
-policy (LoRA r16) generating unmerged in fp32 as TRL's HF path does, and from the merged bf16 copy
-(rollout.MergedRolloutCopy, `rollout_dtype: auto`) the trainer now generates from.
+"""CPU rollout throughput on the same prompts: plain fp32 `model.generate`; the evaluation path
+(zerosiam_llm.evaluation.generation.HFGenerator: sorted batching, left padding, adapters merged, fp32 and bf16 on CPUs
+with avx512_bf16); the training policy (LoRA r16) generating unmerged in fp32 as TRL's HF path does, and from the
+merged bf16 copy (rollout_copy.MergedRolloutCopy, `rollout_dtype: auto`) the trainer now generates from.
 
     python benchmarks/bench_rollout.py [--batch 32] [--max_new_tokens 64] [--rounds 2]
 
@@ -21,9 +21,10 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from zerosiam_llm.policy import apply_lora, load_policy, make_lora_config
+    from zerosiam_llm.evaluation.generation import HFGenerator, SamplingConfig
+    from zerosiam_llm.modeling import apply_lora, cpu_supports_bf16, load_policy, make_lora_config
     from zerosiam_llm.prompts import build_messages, render_prompt
-    from zerosiam_llm.rollout import HFGenerator, MergedRolloutCopy, SamplingConfig, cpu_supports_bf16
+    from zerosiam_llm.rollout_copy import MergedRolloutCopy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(

@@ -56,11 +56,18 @@ def run_paired(batches: int, max_new_tokens: int) -> dict[str, list[float]]:
     import torch
 
     from zerosiam_llm.data import generate_arithmetic_problems
+    from zerosiam_llm.modeling import (
+        apply_lora,
+        cpu_supports_bf16,
+        final_hidden_states,
+        lm_head_weight,
+        load_policy,
+        make_lora_config,
+    )
     from zerosiam_llm.objectives import zerosiam_loss
-    from zerosiam_llm.policy import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
     from zerosiam_llm.predictor import Predictor
     from zerosiam_llm.prompts import build_messages, render_prompt
-    from zerosiam_llm.rollout import MergedRolloutCopy, cpu_supports_bf16
+    from zerosiam_llm.rollout_copy import MergedRolloutCopy
 
     model, tok = load_policy("embedded:smollm2-135m")
     model = apply_lora(model, make_lora_config(16))

@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def embedded_policy():
     """``(model, tokenizer)`` of embedded:smollm2-135m, loaded once per session (about 15-20 s)."""
-    from zerosiam_llm.policy import load_policy
+    from zerosiam_llm.modeling import load_policy
 
     return load_policy("embedded:smollm2-135m")
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from zerosiam_llm.cli import train_main
-from zerosiam_llm.config import build_config
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import read_jsonl
+from zerosiam_llm.parser import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_long_prompts_are_skipped_or_truncated_and_counted(policy, capsys, tmp_p
 
 
 def test_torn_checkpoint_is_ignored(tmp_path):
-    from zerosiam_llm.trainer import last_complete_checkpoint
+    from zerosiam_llm.callbacks import last_complete_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -304,7 +304,7 @@ def test_non_finite_and_zero_values_are_refused(flag, value, message, tmp_path, 
 
 
 def test_non_finite_values_in_a_recipe_are_refused(tmp_path):
-    from zerosiam_llm.config import ZeroSiamConfig
+    from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rate: .nan\n")  # YAML's own NaN
@@ -375,9 +375,13 @@ def test_declared_extras_exist():
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A plain (not editable) install of this checkout into a folder of its own."""
-    target = tmp_path_factory.mktemp("site")
+    source, target = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("site")
+    # built from a copy: setuptools writes build/ next to the sources
+    shutil.copytree(REPO / "zerosiam_llm", source / "zerosiam_llm", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--target",
-                           str(target), str(REPO)], capture_output=True, text=True, timeout=600)  # fmt: skip
+                           str(target), str(source)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return target
 

@@ -28,10 +28,10 @@ from zerosiam_llm.evaluation import (
     read_results,
     run_evaluation,
 )
+from zerosiam_llm.evaluation.generation import Completion, Generator
 from zerosiam_llm.grading import Grader, bootstrap_ci, pass_at_k
-from zerosiam_llm.policy import load_tokenizer
+from zerosiam_llm.modeling import load_tokenizer
 from zerosiam_llm.prompts import build_messages, render_prompt
-from zerosiam_llm.rollout import Completion, Generator
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_FILE = REPO / "evals" / "benchmarks.yaml"

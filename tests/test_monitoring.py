@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.modeling import apply_lora, attach_predictor, load_policy, make_lora_config
 from zerosiam_llm.monitoring import (
     DEFAULT_GUARD_RULES,
     KNOWN_METRICS,
@@ -21,7 +22,6 @@ from zerosiam_llm.monitoring import (
     repetition_stats,
     rollout_metrics,
 )
-from zerosiam_llm.policy import apply_lora, attach_predictor, load_policy, make_lora_config
 from zerosiam_llm.predictor import Predictor
 
 # ------------------------------------------------------------------------------------------- repetition

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from zerosiam_llm.cli import train_main
-from zerosiam_llm.config import build_config
 from zerosiam_llm.data import generate_arithmetic_problems
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import read_jsonl
+from zerosiam_llm.modeling import load_tokenizer, resolve_model
 from zerosiam_llm.online import comparison_table, run_streams, stream_accuracy
-from zerosiam_llm.policy import load_tokenizer, resolve_model
+from zerosiam_llm.parser import build_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

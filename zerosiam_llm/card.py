@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from zerosiam_llm.files import atomic_write_text
-from zerosiam_llm.policy import resolve_model
+from zerosiam_llm.modeling import resolve_model
 
 CARD_METRICS = {
     "entropy": "H(p_r), mean token entropy of the generation distribution (nats)",

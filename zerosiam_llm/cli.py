@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from zerosiam_llm.config import ZeroSiamConfig, available_recipes, build_config, help_text, parse_overrides
-from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.files import atomic_write_text, check_writable, read_jsonl
+from zerosiam_llm.errors import UserInputError, run_cli
+from zerosiam_llm.files import atomic_write_json, atomic_write_text, check_writable, read_jsonl
+from zerosiam_llm.parser import available_recipes, build_config, help_text, parse_overrides
+from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 DEFAULT_RECIPE = "smollm2-135m-cpu"
 RESOLVED_CONFIG = "resolved_config.yaml"
 # fields that may change between a run and its resumption (output_dir: a run folder can be moved)
 RESUMABLE_CHANGES = {
-    "output_dir", "max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps", "report_to",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir",
-    "disable_tqdm", "monitor_every", "run_name", "logging_dir", "dataloader_num_workers",
+    "output_dir", "project", "max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps",
+    "report_to", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir",
+    "disable_tqdm", "monitor_every", "run_name", "dataloader_num_workers",
 }  # fmt: skip
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", RESOLVED_CONFIG, "README.md", "completions",
              "guard_events.jsonl", "healthy", "predictions.jsonl")  # fmt: skip
-
-
-def run_cli(main, argv: list[str] | None) -> int:
-    """Run ``main(argv)``; a :class:`UserInputError` becomes one stderr line and exit code 2 (traceback: --debug)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if not debug:
-        warnings.filterwarnings("ignore")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
-        return main([a for a in argv if a != "--debug"])
-    except UserInputError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 @dataclass
@@ -57,8 +39,8 @@ class OutputPlan:
 
 def _is_run_file(child: Path) -> bool:
     """Files and folders a run writes (an online stream folder included): what --overwrite_output_dir deletes."""
+    from zerosiam_llm.callbacks import PREDICTIONS_FILE
     from zerosiam_llm.online import STREAM_SUMMARY
-    from zerosiam_llm.trainer import PREDICTIONS_FILE
 
     if child.name in RUN_FILES or child.name.startswith(("checkpoint-", "adapter_", "zerosiam_predictor")):
         return True
@@ -67,7 +49,7 @@ def _is_run_file(child: Path) -> bool:
 
 def _plan_output_dir(config: ZeroSiamConfig) -> OutputPlan:
     """Refuse an unusable output_dir, or one holding something else; deletes and writes nothing."""
-    from zerosiam_llm.trainer import last_complete_checkpoint
+    from zerosiam_llm.callbacks import last_complete_checkpoint
 
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
@@ -212,8 +194,8 @@ def train(argv: list[str]) -> int:
     from transformers import set_seed
 
     from zerosiam_llm.data import build_prompt_dataset, check_full_batch, prompt_budget, report_prompt_counts
-    from zerosiam_llm.policy import load_model, load_tokenizer, make_lora_config, resolve_model, warn_remote_code
-    from zerosiam_llm.trainer import ZeroSiamTrainer, write_summary
+    from zerosiam_llm.modeling import load_model, load_tokenizer, make_lora_config, resolve_model, warn_remote_code
+    from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
 
     source = resolve_model(config.model)
     if PartialState().is_main_process:
@@ -259,7 +241,7 @@ def train(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         trainer.create_model_card()
         summary = _summarise(config, counts, out, trainer)
-        write_summary(out, summary)
+        atomic_write_json(out / "summary.json", summary)
         _print_summary(summary)
     return 0
 
@@ -294,8 +276,8 @@ def _stream_name(dataset: str) -> str:
 
 
 def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan) -> int:
+    from zerosiam_llm.modeling import load_tokenizer
     from zerosiam_llm.online import run_streams
-    from zerosiam_llm.policy import load_tokenizer
 
     if config.benchmarks:
         from zerosiam_llm.evaluation import (

@@ -6,6 +6,11 @@ Entry points catch :class:`UserInputError`, print ``error: <message>`` on stderr
 
 from __future__ import annotations
 
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+
 
 class UserInputError(ValueError):
     """A bad value, file or setting supplied by the user. The message is a single line."""
@@ -14,3 +19,19 @@ class UserInputError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def run_cli(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
+    """Run ``main(argv)``; a :class:`UserInputError` becomes one stderr line and exit code 2 (traceback: --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if not debug:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except UserInputError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from typing import Any
 import yaml
 
 from zerosiam_llm.errors import UserInputError
+
+logger = logging.getLogger(__name__)
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
@@ -96,6 +99,25 @@ def parse_jsonl(raw: bytes, path: str | os.PathLike, what: str, torn_tail: bool 
             raise UserInputError(f"{what} {path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
         records.append(record)
     return records
+
+
+def repair_torn_tail(path: str | os.PathLike) -> None:
+    """Cut a last line without its newline (the process was killed mid-write) so that appends start on a fresh line.
+    Readers need not call it: :func:`read_jsonl` ignores that line anyway."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
+    logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", path, size - keep)
 
 
 def read_jsonl(path: str | os.PathLike, what: str = "run file") -> list[dict]:

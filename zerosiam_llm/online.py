@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zerosiam_llm.config import ZeroSiamConfig
+from zerosiam_llm.callbacks import PREDICTIONS_FILE
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_write_json, atomic_write_text, read_jsonl
 from zerosiam_llm.grading import wilson_interval
-from zerosiam_llm.trainer import PREDICTIONS_FILE
+from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 STREAM_SUMMARY = "stream_summary.json"
 
@@ -66,9 +66,10 @@ def run_streams(
     from accelerate import PartialState
     from transformers import set_seed
 
+    from zerosiam_llm.callbacks import last_complete_checkpoint
     from zerosiam_llm.data import build_prompt_dataset, check_full_batch, prompt_budget, report_prompt_counts
-    from zerosiam_llm.policy import load_model, make_lora_config
-    from zerosiam_llm.trainer import ZeroSiamTrainer, last_complete_checkpoint
+    from zerosiam_llm.modeling import load_model, make_lora_config
+    from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
 
     root = Path(config.output_dir)
     pending = [(n, p) for n, p in streams if fresh or not (root / n / STREAM_SUMMARY).is_file()]

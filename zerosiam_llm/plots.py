@@ -215,7 +215,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zerosiam_llm.cli import run_cli
+    from zerosiam_llm.errors import run_cli
 
     def _main(args: list[str]) -> int:
         parser = _Parser(prog="python -m zerosiam_llm.plots", description=__doc__.split("\n\n")[0])

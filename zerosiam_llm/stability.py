@@ -639,7 +639,7 @@ TRAIN_COMMAND = (sys.executable, "-m", "zerosiam_llm")  # the training command, 
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; each cell runs ``python -m zerosiam_llm ...`` (the training command) in its own process."""
-    from zerosiam_llm.cli import run_cli
+    from zerosiam_llm.errors import run_cli
 
     def _main(args: list[str]) -> int:
         parser = _Parser(prog="python scripts/stability_map.py", description=__doc__.split("\n\n")[0])

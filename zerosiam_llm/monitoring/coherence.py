@@ -53,7 +53,7 @@ def base_model_nll(
     ``gather`` materialises a sharded head weight (DeepSpeed ZeRO-3), as in the loss. Returns NaN when no completion
     token is selected.
     """
-    from zerosiam_llm.policy import final_hidden_states, lm_head_weight
+    from zerosiam_llm.modeling import final_hidden_states, lm_head_weight
 
     if prompt_ids.shape[1] < 1:
         raise UserInputError("base_model_nll needs at least one prompt token to predict the first completion token")

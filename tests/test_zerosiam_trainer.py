@@ -17,7 +17,7 @@ from trl import DistillationTrainer
 
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.files import read_jsonl
-from zerosiam_llm.trainer import ZeroSiamTrainer
+from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -57,7 +57,7 @@ def test_train_writes_adapter_predictor_metrics_and_card(tiny_model_dir, tmp_pat
     assert len(samples) == 16 and {s["step"] for s in samples} == {1, 2}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["entropy_target_first"] > 0
-    from zerosiam_llm.policy import load_model
+    from zerosiam_llm.modeling import load_model
 
     model = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), str(out))
     assert any("lora_" in n for n, _ in model.named_parameters())
@@ -66,7 +66,7 @@ def test_train_writes_adapter_predictor_metrics_and_card(tiny_model_dir, tmp_pat
 def test_rollouts_from_the_merged_bf16_copy(tiny_model_dir, tmp_path, monkeypatch):
     """auto picks the bf16 copy on a CPU with native bf16 (else the model itself); after training the copy holds the
     trained LoRA merged; an explicit bfloat16 is honoured whatever the CPU."""
-    from zerosiam_llm import trainer as trainer_module
+    from zerosiam_llm import zerosiam_trainer as trainer_module
 
     seen = {}
     real = trainer_module.ZeroSiamTrainer._generate_single_turn
@@ -305,7 +305,7 @@ def test_guard_rollback_restores_the_checkpoint_and_lowers_the_lr(tiny_model_dir
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, monkeypatch):
-    import zerosiam_llm.trainer as trainer_module
+    import zerosiam_llm.zerosiam_trainer as trainer_module
 
     real = trainer_module.zerosiam_loss
 
@@ -356,9 +356,9 @@ def test_predictor_clip_holds_when_max_grad_norm_is_0(tiny_model_dir, tmp_path):
 
 
 def test_group_clipping_under_deepspeed_or_fsdp_is_refused(tmp_path):
-    from zerosiam_llm.config import ZeroSiamConfig
     from zerosiam_llm.errors import UserInputError
-    from zerosiam_llm.trainer import check_group_clipping
+    from zerosiam_llm.zerosiam_config import ZeroSiamConfig
+    from zerosiam_llm.zerosiam_trainer import check_group_clipping
 
     args = ZeroSiamConfig(output_dir=str(tmp_path))
     with pytest.raises(UserInputError, match="DeepSpeed and FSDP cannot do .* set predictor_max_grad_norm: 0"):

