@@ -333,23 +333,25 @@ def test_read_results_torn_multibyte_tail_and_bad_bytes(tmp_path):
 
 def test_bad_flags(tmp_path, capsys):
     code, _, err = cli(["--model", run.model, "--bogus"], capsys)
-    assert code == 2 and err.startswith("error: unrecognized arguments: --bogus")
+    assert code == 2 and err.startswith("error: unknown field 'bogus' in the command line; see `zerosiam-eval --help`")
+    code, _, err = cli(["--model", run.model, "--max_new_token", "8"], capsys)
+    assert code == 2 and "did you mean max_new_tokens?" in err
     code, _, err = cli(["--model", run.model, "--data_file", "math5000=x.jsonl", "--output_dir", tmp_path], capsys)
     assert code == 2 and "known benchmarks: math500" in err
     code, _, err = cli(["--model", run.model, "--n", "0", "--benchmarks", "gsm8k", "--output_dir", tmp_path], capsys)
-    assert code == 2 and "argument --n: expected an integer >= 1, got '0'" in err
+    assert code == 2 and "n must be an integer >= 1, got 0" in err
 
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--temperature", "nan", "argument --temperature: expected a finite number, got 'nan'"),
-        ("--top_p", "inf", "argument --top_p: expected a finite number, got 'inf'"),
-        ("--grader_timeout", "inf", "argument --grader_timeout: expected a finite number, got 'inf'"),
-        ("--grader_timeout", "0", "argument --grader_timeout: expected a number > 0, got '0'"),
-        ("--gpu_memory_utilization", "nan", "argument --gpu_memory_utilization: expected a finite number"),
-        ("--max_new_tokens", "0", "argument --max_new_tokens: expected an integer >= 1, got '0'"),
-        ("--batch_size", "-1", "argument --batch_size: expected an integer >= 1, got '-1'"),
+        ("--temperature", "nan", "temperature: expected a finite number, got 'nan'"),
+        ("--top_p", "inf", "top_p: expected a finite number, got 'inf'"),
+        ("--grader_timeout", "inf", "grader_timeout: expected a finite number, got 'inf'"),
+        ("--grader_timeout", "0", "grader_timeout must be a number > 0, got 0.0"),
+        ("--gpu_memory_utilization", "nan", "gpu_memory_utilization: expected a finite number"),
+        ("--max_new_tokens", "0", "max_new_tokens must be an integer >= 1, got 0"),
+        ("--batch_size", "-1", "batch_size must be an integer >= 1, got -1"),
     ],
 )
 def test_non_finite_and_zero_numbers_are_refused_before_anything_is_written(flag, value, message, tmp_path, capsys):

@@ -1,11 +1,12 @@
 """Recipes, overrides, types and validation: every bad value is one clear line naming the field."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.parser import build_config, coerce_value, parse_overrides, resolve_recipe
+from zerosiam_llm.parser import build_config, coerce_value, parse_config, resolve_recipe
 from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -24,8 +25,37 @@ def test_overrides_and_types():
     assert config.learning_rate == 3e-4 and config.lora_r == 8
     assert config.method == "tent" and config.alpha == 0.0 and not config.uses_predictor
     assert build_config(None, {"predictor_learning_rate": "null"}, RECIPES).resolved_predictor_learning_rate == 3e-3
-    assert build_config(None, {"lora_target_modules": "q_proj,v_proj"}, RECIPES).lora_target_modules == "q_proj,v_proj"
-    assert parse_overrides(["--a", "1", "--b=2", "--push_to_hub"])[0] == {"a": "1", "b": "2", "push_to_hub": "true"}
+    assert build_config(None, {"lora_target_modules": "q_proj,v_proj"}, RECIPES).lora_target_modules == [
+        "q_proj", "v_proj"]  # fmt: skip
+
+
+def test_trl_parser_command_line():
+    """The TRL command line: --field value, --field=value, a bare flag, several values, JSON for structured fields."""
+    rules = '[{"metric": "loss", "non_finite": true, "action": "stop"}]'
+    config = parse_config(["--learning_rate=2e-4", "--push_to_hub", "--hub_model_id", "me/x", "--lora_target_modules",
+                           "q_proj", "v_proj", "--guard_rules", rules, "--answer_field", "null", "--max_steps", "-1",
+                           "--num_train_epochs", "2"])  # fmt: skip
+    assert config.learning_rate == 2e-4 and config.push_to_hub and config.lora_target_modules == ["q_proj", "v_proj"]
+    assert config.guard_rules == [{"metric": "loss", "non_finite": True, "action": "stop"}]
+    assert config.answer_field is None and config.recipe == "smollm2-135m-cpu" and config.max_steps == -1
+    with pytest.raises(UserInputError, match="guard_rules: expected a JSON list"):
+        parse_config(["--guard_rules", "[{oops"])
+    with pytest.raises(UserInputError, match="^unexpected argument 'stray'"):
+        parse_config(["stray"])
+    with pytest.raises(UserInputError, match="--recipe needs a value"):
+        parse_config(["--recipe"])
+
+
+def test_config_file_like_trl(tmp_path, monkeypatch):
+    """--config FILE.yaml as in `trl grpo --config`: the file's values, the command line over them, TRL's env:."""
+    own = tmp_path / "mine.yaml"
+    own.write_text("method: tent\nlearning_rate: 5.0e-5\nenv:\n  ZEROSIAM_TEST_VAR: set\n")
+    monkeypatch.delenv("ZEROSIAM_TEST_VAR", raising=False)
+    config = parse_config(["--config", str(own), "--learning_rate", "1e-4"])
+    assert config.method == "tent" and config.learning_rate == 1e-4 and config.recipe == "mine"
+    assert os.environ["ZEROSIAM_TEST_VAR"] == "set"
+    with pytest.raises(UserInputError, match="not both"):
+        parse_config(["--config", str(own), "--recipe", "smollm2-135m-cpu"])
 
 
 def test_resolved_dict_has_no_token():

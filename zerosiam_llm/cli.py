@@ -12,10 +12,9 @@ import yaml
 
 from zerosiam_llm.errors import UserInputError, run_cli
 from zerosiam_llm.files import atomic_write_json, atomic_write_text, check_writable, read_jsonl
-from zerosiam_llm.parser import available_recipes, build_config, help_text, parse_overrides
+from zerosiam_llm.parser import parse_config
 from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
-DEFAULT_RECIPE = "smollm2-135m-cpu"
 RESOLVED_CONFIG = "resolved_config.yaml"
 # fields that may change between a run and its resumption (output_dir: a run folder can be moved)
 RESUMABLE_CHANGES = {
@@ -169,26 +168,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"  STOPPED: {stop['message']}\n  the saved adapter is the last healthy one: {stop['adapter_from']}")
 
 
-USAGE = (
-    "usage: zerosiam-train (or python train.py) [--recipe NAME | --config FILE.yaml] [--field value ...] [--debug]\n"
-    f"bundled recipes: {', '.join(available_recipes())} (default {DEFAULT_RECIPE}); --config takes your own YAML"
-)
-
-
 def train(argv: list[str]) -> int:
-    overrides, rest = parse_overrides(argv)
-    if "help" in overrides or "-h" in rest:
-        print(f"{USAGE}\n{help_text()}")
-        return 0
-    if rest:
-        raise UserInputError(f"unexpected argument {rest[0]!r}; use --field value")
-    recipe, config_file = overrides.pop("recipe", None), overrides.pop("config", None)
-    if recipe and config_file:
-        raise UserInputError("give --recipe NAME (bundled) or --config FILE.yaml (your own), not both")
-    if config_file and not Path(config_file).expanduser().is_file():
-        raise UserInputError(f"config file {config_file} does not exist (--config takes a YAML file; --recipe NAME "
-                             f"a bundled recipe: {', '.join(available_recipes())})")  # fmt: skip
-    config = build_config(recipe or config_file, overrides, default_recipe=DEFAULT_RECIPE)
+    config = parse_config(argv)  # --help prints every field and exits 0
 
     from accelerate import PartialState
     from transformers import set_seed

@@ -30,6 +30,8 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
         logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         return main([a for a in argv if a != "--debug"])
+    except SystemExit as exit_:  # argparse's --help
+        return exit_.code if isinstance(exit_.code, int) else 0
     except UserInputError as err:
         if debug:
             raise

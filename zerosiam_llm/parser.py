@@ -1,34 +1,32 @@
-"""Recipes and the command line -> a validated :class:`ZeroSiamConfig`.
+"""Recipes and the command line -> a validated :class:`ZeroSiamConfig`, through ``trl.TrlParser``.
 
 ``--recipe NAME`` resolves in the bundled ``recipes/`` (``.yaml`` optional; a path works too), ``--config FILE.yaml``
-reads your own YAML; any field can be overridden as ``--field value``. Every bad field is one line naming it.
+reads your own YAML (as ``trl grpo --config``); any field can be overridden as ``--field value``; structured fields
+(``guard_rules``) take JSON, as TRL's do. Every bad field or value is one line naming it, before anything runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import difflib
 import enum
+import json
 import math
 import os
+import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from trl import TrlParser
 
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import load_yaml
-from zerosiam_llm.zerosiam_config import ZeroSiamConfig, config_fields
-
-# --------------------------------------------------------------------------------------------------------------------
-# recipes and CLI
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(ZeroSiamConfig)
-
+from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped in the package: works from any folder
 
@@ -61,12 +59,6 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _unknown_field_error(name: str, source: str) -> UserInputError:
-    close = difflib.get_close_matches(name, list(config_fields()), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see `python train.py --help` for the fields"
-    return UserInputError(f"unknown field {name!r} in {source}{hint}")
-
-
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -90,6 +82,8 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
                 return coerce_value(name, value, arg)
             except UserInputError as err:
                 errors.append(err)
+        if len(errors) == 1:  # X | None: X's own message ("expected a finite number")
+            raise errors[0]
         allowed = " or ".join(_describe(a) for a in args)
         raise UserInputError(f"{name}: expected {allowed}, got {value!r}")
     if tp is bool:
@@ -153,29 +147,179 @@ def coerce_value(name: str, value: Any, tp: Any) -> Any:
     return value  # Any and exotic types: let the dataclass check
 
 
-def parse_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``--key value`` / ``--key=value`` / bare ``--flag`` pairs, plus positional leftovers."""
-    overrides, rest, i = {}, [], 0
-    bool_fields = {n for n, tp in _type_hints().items() if tp is bool or tp == bool | None}
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--"):
-            rest.append(token)
+# --------------------------------------------------------------------------------------------------------------------
+# The command line: trl.TrlParser with one-line errors
+# --------------------------------------------------------------------------------------------------------------------
+
+DEFAULT_RECIPE = "smollm2-135m-cpu"
+NULLS = ("null", "~", "None")
+
+
+def _plain_type(tp: Any) -> bool:
+    """int / float / bool / str, optionally ``| None``: the fields whose values this module converts itself."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in _UNIONS else [tp]
+    return len(args) == 1 and args[0] in (int, float, bool, str)
+
+
+_UNIONS = (typing.Union, types.UnionType)
+
+
+def _list_item_type(tp: Any) -> Any:
+    for arg in typing.get_args(tp) if typing.get_origin(tp) in _UNIONS else (tp,):
+        if typing.get_origin(arg) is list:
+            return (typing.get_args(arg) or (str,))[0]
+    return str
+
+
+def _converter(name: str, tp: Any):
+    """An argparse ``type``: :func:`coerce_value`'s conversion and one-line message (``null`` means None)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return coerce_value(name, text, tp)
+        except UserInputError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+class FieldParser(TrlParser):
+    """``trl.TrlParser`` over one config dataclass (``--config FILE.yaml``, ``--field value``, ``--help``) that keeps
+    the project's error quality: every bad field or value is one :class:`UserInputError` line naming it, with "did you
+    mean" for a mistyped field, raised before anything is written."""
+
+    def __init__(self, dataclass_type: type, prog: str, description: str) -> None:
+        super().__init__(dataclass_type, prog=prog, description=description, allow_abbrev=False)
+        self.dataclass_type = dataclass_type
+        self.fields = {f.name for f in dataclasses.fields(dataclass_type) if f.init}
+        hints = typing.get_type_hints(dataclass_type)
+        own = set(dataclass_type.__annotations__)
+        defaults = {f.name: f.default for f in dataclasses.fields(dataclass_type)}
+        for action in self._actions:
+            if action.dest not in self.fields or action.type is None:
+                continue
+            tp = hints[action.dest]
+            if action.nargs in ("+", "*"):
+                action.type = _converter(action.dest, _list_item_type(tp))
+                if action.dest in own and defaults[action.dest] is not dataclasses.MISSING:
+                    action.default = defaults[action.dest]  # HfArgumentParser drops a list field's plain default
+            elif action.dest in own or _plain_type(tp):
+                action.type = _converter(action.dest, tp)
+
+    def error(self, message: str):  # type: ignore[override]
+        match = re.match(r"argument --([\w-]+)(?:/[^:]*)?: (.*)", message)
+        if match and match.group(2).startswith(match.group(1).replace("-", "_") + ":"):
+            message = match.group(2)  # the converter's message already names the field
+        raise UserInputError(message)
+
+    def _attach_dash_values(self, argv: Sequence[str]) -> list[str]:
+        """``--field -inf`` -> ``--field=-inf``: argparse takes a value starting with "-" (other than a plain negative
+        number) for an option and would say "expected one argument"."""
+        out, argv, i = [], list(argv), 0
+        while i < len(argv):
+            token = argv[i]
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            if (token.startswith("--") and "=" not in token and value.startswith("-") and not value.startswith("--")
+                    and value not in self._option_string_actions):  # fmt: skip
+                out.append(f"{token}={value}")
+                i += 2
+                continue
+            out.append(token)
             i += 1
-            continue
-        key = token[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return out
+
+    def unknown_field(self, name: str, source: str) -> UserInputError:
+        close = difflib.get_close_matches(name, sorted(self.fields), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; see `{self.prog} --help` for the fields"
+        return UserInputError(f"unknown field {name!r} in {source}{hint}")
+
+    def read_config(self, path: Path) -> dict[str, Any]:
+        """A YAML config's values, each checked and converted like a command-line value; TRL's ``env:`` mapping is
+        exported to the environment."""
+        raw = load_recipe(path)
+        env = raw.pop("env", None)
+        if env is not None:
+            if not isinstance(env, dict):
+                raise UserInputError(f"recipe {path}: env must be a mapping of variable: value")
+            os.environ.update({str(k): str(v) for k, v in env.items()})
+        hints = typing.get_type_hints(self.dataclass_type)
+        for key in raw:
+            if key not in self.fields:
+                raise self.unknown_field(str(key), f"recipe {path}")
+        return {key: coerce_value(key, value, hints[key]) for key, value in raw.items()}
+
+    def parse(self, argv: Sequence[str], config: dict[str, Any] | None = None) -> Any:
+        """The dataclass from ``config`` (values of a YAML file) overridden by ``argv``."""
+        if config:
+            self.set_defaults_with_config(**config)
+        try:
+            args = self._attach_dash_values(argv)
+            obj, rest = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+        except UserInputError:
+            raise
+        except (ValueError, TypeError) as err:  # a TrainingArguments check outside the config's own validation
+            raise UserInputError(str(err).strip().splitlines()[0]) from None
+        if rest:
+            token = rest[0]
+            if token.startswith("--"):
+                raise self.unknown_field(token[2:].split("=", 1)[0].replace("-", "_"), "the command line")
+            raise UserInputError(f"unexpected argument {token!r}; use --field value")
+        return obj
+
+
+def pop_option(argv: list[str], name: str) -> str | None:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``argv``; returns VALUE (None when absent)."""
+    for i, token in enumerate(argv):
+        if token == f"--{name}":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise UserInputError(f"--{name} needs a value")
             value = argv[i + 1]
-            i += 1
-        elif key.replace("-", "_") in bool_fields or key in ("debug", "help"):
-            value = "true"
-        else:
-            raise UserInputError(f"--{key} needs a value")
-        overrides[key.replace("-", "_")] = value
-        i += 1
-    return overrides, rest
+            del argv[i : i + 2]
+            return value
+        if token.startswith(f"--{name}="):
+            del argv[i]
+            return token.split("=", 1)[1]
+    return None
+
+
+TRAIN_DESCRIPTION = (
+    "Adapt a model at test time with ZeroSiam (or Tent). --recipe NAME starts from a bundled recipe ({recipes}; "
+    "default {default}), --config FILE.yaml from your own YAML of the same fields; any field below can be set as "
+    "--field value (structured fields such as guard_rules take JSON)."
+)
+
+
+def train_parser() -> FieldParser:
+    description = TRAIN_DESCRIPTION.format(recipes=", ".join(available_recipes()), default=DEFAULT_RECIPE)
+    return FieldParser(ZeroSiamConfig, prog="zerosiam-train", description=description)
+
+
+def parse_config(
+    argv: Sequence[str], recipes_dir: str | os.PathLike = RECIPES_DIR, default_recipe: str | None = DEFAULT_RECIPE
+) -> ZeroSiamConfig:
+    """``[--recipe NAME | --config FILE.yaml] [--field value ...]`` -> a validated :class:`ZeroSiamConfig`."""
+    argv = list(argv)
+    recipe, config_file = pop_option(argv, "recipe"), pop_option(argv, "config")
+    if recipe and config_file:
+        raise UserInputError("give --recipe NAME (bundled) or --config FILE.yaml (your own), not both")
+    if config_file:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            bundled = ", ".join(available_recipes(recipes_dir))
+            raise UserInputError(
+                f"config file {config_file} does not exist (--config takes a YAML file; --recipe NAME a bundled "
+                f"recipe: {bundled})"
+            )
+    elif recipe or default_recipe:
+        path = resolve_recipe(recipe or default_recipe, recipes_dir)
+    else:
+        path = None
+    parser = train_parser()
+    values = parser.read_config(path) if path else {}
+    if path:
+        values.setdefault("recipe", path.stem)
+    return parser.parse(argv, values)
 
 
 def build_config(
@@ -184,36 +328,9 @@ def build_config(
     recipes_dir: str | os.PathLike = RECIPES_DIR,
     default_recipe: str | None = None,
 ) -> ZeroSiamConfig:
-    """Recipe YAML (or the default recipe) + overrides -> a validated :class:`ZeroSiamConfig`."""
-    raw: dict[str, Any] = {}
-    source_name = None
-    name = recipe or default_recipe
-    if name:
-        path = resolve_recipe(name, recipes_dir)
-        raw = load_recipe(path)
-        source_name = path.stem
-        for key in raw:
-            if key not in config_fields():
-                raise _unknown_field_error(str(key), f"recipe {path}")
-    for key in overrides:
-        if key not in config_fields():
-            raise _unknown_field_error(key, "the command line")
-    hints = _type_hints()
-    values = {k: coerce_value(k, v, hints[k]) for k, v in {**raw, **overrides}.items()}
-    values.setdefault("recipe", source_name)
-    try:
-        return ZeroSiamConfig(**values)
-    except UserInputError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise UserInputError(str(err).strip().splitlines()[0]) from None
-
-
-def help_text() -> str:
-    lines = ["fields (any can be set in a recipe or as --field value):"]
-    for name, f in config_fields().items():
-        help_ = f.metadata.get("help", "")
-        if name in ZeroSiamConfig.__annotations__:  # our own fields first, with their help
-            lines.append(f"  --{name}: {help_}")
-    lines.append("  ... and every transformers.TrainingArguments / trl.DistillationConfig field.")
-    return "\n".join(lines)
+    """A recipe (or none) + ``{field: value}`` overrides -> a validated config, through the command-line path."""
+    argv = ["--recipe", recipe] if recipe else []
+    for key, value in overrides.items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        argv += [f"--{key}", text]
+    return parse_config(argv, recipes_dir, default_recipe)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from trl import DistillationConfig
 
 from zerosiam_llm.errors import UserInputError
@@ -169,12 +170,13 @@ class ZeroSiamConfig(DistillationConfig):
     )
 
     # ---- monitors and the collapse guard ----
-    guard_rules: list[dict] | None = field(
+    guard_rules: list[dict] | str | None = field(
         default=None,
         metadata={
-            "help": "Collapse-guard rules, e.g. [{metric: zerosiam/entropy_target, below: 0.1, for_steps: 3, action: "
-            "stop}]; actions warn, stop (keep the last healthy adapter), rollback (restore it, lr_factor). "
-            "null = monitoring.DEFAULT_GUARD_RULES, [] = off."
+            "help": "Collapse-guard rules (a YAML list in a recipe, JSON on the command line), e.g. [{\"metric\": "
+            "\"zerosiam/entropy_target\", \"below\": 0.1, \"for_steps\": 3, \"action\": \"stop\"}]; actions warn, "
+            "stop (keep the last healthy adapter), rollback (restore it, lr_factor). null = "
+            "monitoring.DEFAULT_GUARD_RULES, [] = off."
         },
     )
     healthy_checkpoints: int = field(
@@ -233,7 +235,10 @@ class ZeroSiamConfig(DistillationConfig):
         default=True, metadata={"help": "Resume from the last checkpoint in output_dir when there is one."}
     )
     monitor_every: int = field(default=1, metadata={"help": "Grade the rollouts (monitor accuracy) every N steps."})
-    recipe: str | None = field(default=None, metadata={"help": "Name of the recipe this config came from (recorded)."})
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "The bundled recipe (NAME) or YAML file to start from; recorded in resolved_config.yaml."},
+    )
 
     # ---- TRL / HF defaults that differ ----
     output_dir: str | None = field(default="outputs/zerosiam", metadata={"help": "Where the run is written."})
@@ -261,6 +266,7 @@ class ZeroSiamConfig(DistillationConfig):
     )
 
     def __post_init__(self) -> None:
+        self._parse_structured_fields()
         self._validate()
         if self.bf16 is None:
             self.bf16 = _cuda_bf16()
@@ -278,6 +284,17 @@ class ZeroSiamConfig(DistillationConfig):
             super().__post_init__()
         except (ValueError, TypeError) as err:
             raise UserInputError(str(err).strip().splitlines()[0]) from None
+
+    def _parse_structured_fields(self) -> None:
+        # on the command line, structured fields come as JSON (as TRL's do) and lists as "a,b" or several values
+        if isinstance(self.guard_rules, str):
+            try:
+                self.guard_rules = yaml.safe_load(self.guard_rules)
+            except yaml.YAMLError:
+                raise UserInputError(f"guard_rules: expected a JSON list of rules, got {self.guard_rules!r}") from None
+        if isinstance(self.lora_target_modules, list):
+            names = [n.strip() for item in self.lora_target_modules for n in str(item).split(",") if n.strip()]
+            self.lora_target_modules = names[0] if names == ["all-linear"] else names
 
     def _setup_online(self) -> None:
         if self.gradient_accumulation_steps != 1:

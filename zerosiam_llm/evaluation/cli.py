@@ -1,103 +1,112 @@
-"""The command line of ``zerosiam-eval`` / ``evals/evaluate.py``: bad input is one ``error:`` line and exit code 2.
+"""The command line of ``zerosiam-eval`` / ``evals/evaluate.py``: :class:`EvalArguments`, parsed by ``trl.TrlParser``
+(``--config FILE.yaml`` or ``--field value``); bad input is one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.errors import UserInputError, run_cli
 from zerosiam_llm.evaluation.compare import run_compare
 from zerosiam_llm.evaluation.run import run_evaluation
-from zerosiam_llm.prompts import DEFAULT_INSTRUCTION
+from zerosiam_llm.parser import FieldParser, pop_option
+from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
 
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _positive(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+@dataclass
+class EvalArguments:
+    """Score a model, checkpoint or adapter on MATH-500, AIME24, AIME25, AMC23 and GSM8K, or compare runs."""
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="evaluate.py",
-        description="Score a model, checkpoint or adapter on MATH-500, AIME24, AIME25, AMC23 and GSM8K, or compare "
-        "evaluation runs (--compare).",
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id, local folder, .gguf file or embedded:smollm2-135m"}
     )
-    parser.add_argument("--model", help="Hub id, local folder, .gguf file or embedded:smollm2-135m")
-    parser.add_argument("--adapter", help="peft adapter folder or Hub id (e.g. a train.py output_dir)")
-    parser.add_argument("--benchmarks", default="all", help="comma-separated names from the benchmarks file, or all")
-    parser.add_argument("--benchmarks_file", help="benchmark definitions (default: the package's benchmarks.yaml)")
-    parser.add_argument("--data_dir", help="read <data_dir>/<local_file> (e.g. gsm8k_test.jsonl) instead of the Hub")
-    parser.add_argument("--data_file", action="append", metavar="NAME=PATH", help="a local file for one benchmark")
-    parser.add_argument("--limit", type=_count, help="only the first N problems of each benchmark")
-    parser.add_argument("--n", type=_count, help="samples per problem (default: per benchmark)")
-    parser.add_argument("--temperature", type=_finite, help="0 = greedy (default: per benchmark)")
-    parser.add_argument("--top_p", type=_finite, help="nucleus sampling (default: per benchmark)")
-    parser.add_argument("--max_new_tokens", type=_count, help="completion budget (default: per benchmark)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
-    parser.add_argument("--instruction_placement", choices=("user", "system"), default="user")
-    parser.add_argument("--output_dir", help="run folder: <benchmark>.jsonl, run_config.json, summary.json/.md")
-    parser.add_argument("--overwrite", action="store_true", help="delete the results in --output_dir and start over")
-    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "float32", "bfloat16", "float16"),
+    adapter: str | None = field(
+        default=None, metadata={"help": "peft adapter folder or Hub id (e.g. a train.py output_dir)"}
+    )
+    benchmarks: str = field(default="all", metadata={"help": "comma-separated names from the benchmarks file, or all"})
+    benchmarks_file: str | None = field(
+        default=None, metadata={"help": "benchmark definitions (default: the package's benchmarks.yaml)"}
+    )
+    data_dir: str | None = field(
+        default=None, metadata={"help": "read <data_dir>/<local_file> (e.g. gsm8k_test.jsonl) instead of the Hub"}
+    )
+    data_file: list[str] | None = field(
+        default=None, metadata={"help": "NAME=PATH: a local file for a benchmark (several: NAME=PATH NAME=PATH)"}
+    )
+    limit: int | None = field(default=None, metadata={"help": "only the first N problems of each benchmark"})
+    n: int | None = field(default=None, metadata={"help": "samples per problem (default: per benchmark)"})
+    temperature: float | None = field(default=None, metadata={"help": "0 = greedy (default: per benchmark)"})
+    top_p: float | None = field(default=None, metadata={"help": "nucleus sampling (default: per benchmark)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "completion budget (default: per benchmark)"})
+    seed: int = field(default=0, metadata={"help": "sampling seed (per prompt: seed + hash of the prompt)"})
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "instruction added to every prompt"})
+    instruction_placement: str = field(default="user", metadata={"help": "user or system"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "run folder: <benchmark>.jsonl, run_config.json, summary.json/.md"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "delete the results in --output_dir and start over"})
+    backend: str = field(default="hf", metadata={"help": "hf or vllm"})
+    dtype: str = field(
         default="auto",
-        help="auto: bf16 on GPUs and on CPUs with bf16 instructions, else fp32",
+        metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16, float16"},
     )
-    parser.add_argument("--device", help="hf backend: cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--batch_size", type=_count, default=32, help="hf backend: sequences per generate call")
-    parser.add_argument("--gpu_memory_utilization", type=_positive, default=0.9, help="vllm backend")
-    parser.add_argument("--max_model_len", type=_count, help="vllm backend: context length (e.g. 4096 for Qwen-Math)")
-    parser.add_argument("--tensor_parallel_size", type=_count, default=1, help="vllm backend")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--revision", help="model revision on the Hub")
-    parser.add_argument("--grader_timeout", type=_positive, default=5.0, help="seconds per answer before it is wrong")
-    parser.add_argument("--grader_workers", type=_count, help="grading processes (default: CPU cores, at most 8)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    parser.add_argument("--compare", nargs="+", metavar="RUN", help="compare run folders (the first is the baseline)")
-    return parser
+    device: str | None = field(
+        default=None, metadata={"help": "hf backend: cpu, cuda, cuda:1 (default: cuda when available)"}
+    )
+    batch_size: int = field(default=32, metadata={"help": "hf backend: sequences per generate call"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: share of GPU memory"})
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "vllm backend: context length (e.g. 4096 for Qwen-Math)"}
+    )
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend: GPUs per model"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run the model folder's own Python code"})
+    revision: str | None = field(default=None, metadata={"help": "model revision on the Hub"})
+    grader_timeout: float = field(default=5.0, metadata={"help": "seconds per answer before it is graded wrong"})
+    grader_workers: int | None = field(
+        default=None, metadata={"help": "grading processes (default: CPU cores, at most 8)"}
+    )
+    no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
+    compare: list[str] | None = field(
+        default=None, metadata={"help": "compare run folders (the first is the baseline): --compare RUN_A RUN_B ..."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "n", "max_new_tokens", "batch_size", "max_model_len", "tensor_parallel_size",
+                     "grader_workers"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserInputError(f"{name} must be an integer >= 1, got {value}")
+        for name in ("grader_timeout", "gpu_memory_utilization"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise UserInputError(f"{name} must be a number > 0, got {getattr(self, name)}")
+        for name, allowed in (("backend", BACKENDS), ("dtype", DTYPES),
+                              ("instruction_placement", INSTRUCTION_PLACEMENTS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a :class:`UserInputError`: one ``error:`` line and exit code 2, like every
-    other bad input of the project."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UserInputError(f"{message} (see --help)")
+def eval_parser() -> FieldParser:
+    return FieldParser(EvalArguments, prog="zerosiam-eval", description=EvalArguments.__doc__)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Parse the command line (``--help`` exits 0)."""
-    return build_parser().parse_args(list(argv))
+def parse_args(argv: Sequence[str]) -> EvalArguments:
+    """``[--config FILE.yaml] [--field value ...]`` -> :class:`EvalArguments` (``--help`` exits 0)."""
+    argv = list(argv)
+    config_file = pop_option(argv, "config")
+    parser = eval_parser()
+    if config_file is None:
+        return parser.parse(argv)
+    if not os.path.isfile(config_file):
+        raise UserInputError(f"config file {config_file} does not exist")
+    from pathlib import Path
+
+    return parser.parse(argv, parser.read_config(Path(config_file)))
 
 
 def evaluate(argv: Sequence[str], benchmarks_file: str | os.PathLike | None = None) -> int:
@@ -111,6 +120,4 @@ def evaluate(argv: Sequence[str], benchmarks_file: str | os.PathLike | None = No
 
 def main(argv: list[str] | None = None, benchmarks_file: str | os.PathLike | None = None) -> int:
     """``zerosiam-eval`` / ``python evals/evaluate.py``: bad input is one ``error:`` line and exit code 2."""
-    from zerosiam_llm.errors import run_cli
-
     return run_cli(lambda a: evaluate(a, benchmarks_file), argv)
