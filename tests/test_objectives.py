@@ -5,7 +5,7 @@ import torch
 
 from zerosiam_llm import objectives
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.objectives import reference_terms, siamese_entropy, tent_loss, zerosiam_loss
+from zerosiam_llm.objectives import Stat, reference_terms, siamese_entropy, tent_loss, zerosiam_loss
 from zerosiam_llm.predictor import Predictor
 
 D, V = 24, 101  # V not a multiple of the chunk: the last vocab tile is ragged
@@ -79,7 +79,8 @@ def test_per_token_terms_and_each_term_gradient_match_reference(token_chunk):
     for weights in [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, -1.1, 2.0), (1.0, 1.0, 1.0)]:
         h_o.grad = None
         total, stats = siamese_entropy(h_o, h, weight, weights, 1.3, token_chunk=token_chunk)
-        for got, want in zip((stats[0], stats[1], stats[2], stats[3]), ref, strict=True):
+        rows = (Stat.ENTROPY_ONLINE, Stat.KL_TARGET_ONLINE, Stat.KL_ONLINE_TARGET, Stat.ENTROPY_TARGET)
+        for got, want in zip((stats[row] for row in rows), ref, strict=True):
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
         want_total = sum(w * term.sum() for w, term in zip(weights, ref[:3], strict=True))
         torch.testing.assert_close(total, want_total.detach(), rtol=1e-10, atol=1e-12)
@@ -89,8 +90,8 @@ def test_per_token_terms_and_each_term_gradient_match_reference(token_chunk):
         want_total.backward(retain_graph=True)
         torch.testing.assert_close(g_fused, h_o.grad, rtol=1e-9, atol=1e-12)
     z = h @ weight.T
-    torch.testing.assert_close(stats[4], z.pow(2).sum(-1), rtol=1e-10, atol=0)
-    torch.testing.assert_close(stats[5], (z / 1.3).softmax(-1).amax(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(stats[Stat.LOGIT_SQUARED_NORM], z.pow(2).sum(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(stats[Stat.TOP1_PROB], (z / 1.3).softmax(-1).amax(-1), rtol=1e-10, atol=0)
 
 
 def test_gradcheck_fused_function():

@@ -42,7 +42,21 @@ def generate_arithmetic_problems(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return problems
 
 
+def _single_list_field(path: Path, raw: bytes) -> str | None:
+    """The key of a ``.json`` document shaped ``{"key": [rows]}`` (datasets' ``field``), else None."""
+    if path.suffix.lower() != ".json" or raw.lstrip()[:1] != b"{":
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # JSON lines with a .json suffix, or damaged: the loader and the line check below say which
+    lists = [k for k, v in data.items() if isinstance(v, list)] if isinstance(data, dict) else []
+    return lists[0] if len(lists) == 1 else None
+
+
 def _read_local(path: Path) -> list[dict[str, Any]]:
+    """A local JSON / JSONL / Parquet file through ``datasets.load_dataset``, the same path as Hub data; a damaged file
+    is named by line (JSON) or as unreadable (Parquet)."""
     if not path.is_file():
         raise UserInputError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
@@ -50,41 +64,42 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         raise UserInputError(
             f"data file {path}: unsupported type {suffix or '(none)'}; allowed: .json, .jsonl, .parquet"
         )
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    raw = path.read_bytes() if suffix != ".parquet" else b""
+    if suffix != ".parquet" and not raw.strip():
+        raise UserInputError(f"data set {path} is empty")
+    kwargs = {"field": field} if (field := _single_list_field(path, raw)) else {}
+    try:
+        return _load_dataset(LOCAL_SUFFIXES[suffix], data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # pyarrow / datasets raise many types for a damaged file
+        if suffix == ".parquet":
+            raise UserInputError(f"data file {path} is not a readable Parquet file: {_first_line(err)}") from None
+        parse_jsonl(raw, path, "data file")  # names the first bad line, if that is the cause
+        raise UserInputError(f"data file {path} could not be read as JSON: {_first_line(err)}") from None
 
-        try:
-            return pq.read_table(path).to_pylist()
-        except Exception as err:  # pyarrow raises several types for corrupt files
-            raise UserInputError(f"data file {path} is not a readable Parquet file: {err}") from None
-    raw = path.read_bytes()
-    if suffix == ".json" and raw.lstrip()[:1] in (b"[", b"{"):
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise UserInputError(f"data file {path} is not UTF-8 (byte {err.start})") from None
-        except json.JSONDecodeError:
-            data = None  # maybe JSON lines with a .json suffix
-        rows: list = []
-        if isinstance(data, list):
-            rows = data
-        elif isinstance(data, dict):
-            lists = [v for v in data.values() if isinstance(v, list)]
-            rows = lists[0] if len(lists) == 1 else [data]
-        if data is not None:
-            return [r for r in rows if isinstance(r, dict)]
-    return parse_jsonl(raw, path, "data file")
+
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause (datasets wraps the arrow error that says what is wrong)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_dataset(path: str, **kwargs) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()  # one small table: no bars
+    try:
+        return datasets.load_dataset(path, **kwargs).to_list()
+    finally:
+        datasets.enable_progress_bars()
 
 
 def _read_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]:
-    import datasets
-
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        return _load_dataset(name, name=config, split=split)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"cannot load data set {name!r} (split {split!r}): {first}") from None
-    return ds.to_list()
+        raise UserInputError(f"cannot load data set {name!r} (split {split!r}): {_first_line(err)}") from None
 
 
 def load_problems(

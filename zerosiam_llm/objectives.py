@@ -19,6 +19,7 @@ the inputs are fp64) whatever the model dtype.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -57,6 +58,18 @@ class ObjectiveOutput:
             "top1_above_099",
         )
         return {f"{prefix}{name}": float(getattr(self, name)) for name in names}
+
+
+class Stat(enum.IntEnum):
+    """The rows of the ``[7, N]`` per-token statistics the fused pass returns (detached, one column per token)."""
+
+    ENTROPY_ONLINE = 0  # H(p_o)
+    KL_TARGET_ONLINE = 1  # KL(p_r || p_o)
+    KL_ONLINE_TARGET = 2  # KL(p_o || p_r)
+    ENTROPY_TARGET = 3  # H(p_r)
+    LOGIT_SQUARED_NORM = 4  # ||W h||^2 of the raw (untempered) target logits
+    TOP1_PROB = 5  # max p_r
+    LOGSUMEXP_TARGET = 6  # logsumexp of the tempered target logits (NLL = lse - z_token)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -108,7 +121,7 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
     block = max(1, min(rows, _block_bytes(device) // (vocab * dtype.itemsize)))
     scratch_o = torch.empty(block, vocab, dtype=dtype, device=device)
     scratch_r = torch.empty(block, vocab, dtype=dtype, device=device) if siamese else None
-    stats = torch.empty(7, n, dtype=dtype, device=device)  # H_o, KL(r||o), KL(o||r), H_r, ||W h||^2, top-1, lse_r
+    stats = torch.empty(len(Stat), n, dtype=dtype, device=device)
     grad = torch.empty(n, h_online.shape[1], dtype=dtype, device=device) if want_grad else None
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
@@ -140,10 +153,11 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
                 s_r, lse_r, h_r = s_o, lse_o, h_o
                 kl_ro = kl_or = torch.zeros_like(h_o)
             rs = slice(start + b0, start + b0 + a.shape[0])
-            stats[0, rs], stats[1, rs], stats[2, rs], stats[3, rs] = h_o, kl_ro, kl_or, h_r
-            stats[4, rs] = _rowdot(b, b) * temperature**2  # raw logits W h = T z_r
-            stats[5, rs] = s_r.reciprocal()  # max p_r = exp(m_r - lse_r)
-            stats[6, rs] = lse_r
+            stats[Stat.ENTROPY_ONLINE, rs], stats[Stat.ENTROPY_TARGET, rs] = h_o, h_r
+            stats[Stat.KL_TARGET_ONLINE, rs], stats[Stat.KL_ONLINE_TARGET, rs] = kl_ro, kl_or
+            stats[Stat.LOGIT_SQUARED_NORM, rs] = _rowdot(b, b) * temperature**2  # raw logits W h = T z_r
+            stats[Stat.TOP1_PROB, rs] = s_r.reciprocal()  # max p_r = exp(m_r - lse_r)
+            stats[Stat.LOGSUMEXP_TARGET, rs] = lse_r
             if want_grad:
                 # dl/dz_o = p_o [(w_or - w_h) log p_o - w_or log p_r + c] - w_ro p_r,
                 # c = w_ro - w_h H_o - w_or KL(o||r)   (dH/dz = -p (log p + H);
@@ -165,11 +179,11 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
             _back_project(z_o, weight, grad[sl], vocab_chunk)
     if want_grad:
         grad.mul_(inv_t)
-    total = (w_h * stats[0]).sum()
+    total = (w_h * stats[Stat.ENTROPY_ONLINE]).sum()
     if w_ro:
-        total = total + w_ro * stats[1].sum()
+        total = total + w_ro * stats[Stat.KL_TARGET_ONLINE].sum()
     if w_or:
-        total = total + w_or * stats[2].sum()
+        total = total + w_or * stats[Stat.KL_ONLINE_TARGET].sum()
     return total, stats, grad
 
 
@@ -251,9 +265,10 @@ def siamese_entropy(
     """The weighted sum over rows ``[N, d]`` of ``(H(p_o), KL(p_r||p_o), KL(p_o||p_r))``, and per-token statistics.
 
     Returns ``(total, stats)``: ``total`` is differentiable w.r.t. ``h_online``; ``stats`` is ``[7, N]`` and detached,
-    rows H(p_o), KL(r||o), KL(o||r), H(p_r), squared L2 norm of the raw target logits ``W h``, the target branch's
-    top-1 probability and the logsumexp of its (tempered) logits. ``h_target`` is detached: the target branch never
-    receives a gradient. ``h_target=None`` is Tent: one branch, both divergences 0, H(p_r) = H(p_o).
+    its rows named by :class:`Stat`: H(p_o), KL(r||o), KL(o||r), H(p_r), squared L2 norm of the raw target logits
+    ``W h``, the target branch's top-1 probability and the logsumexp of its (tempered) logits. ``h_target`` is
+    detached: the target branch never receives a gradient. ``h_target=None`` is Tent: one branch, both divergences 0,
+    H(p_r) = H(p_o).
     ``token_chunk`` is the most tokens per chunk (the chunks are made equal); ``None``: as many as fit one fp32
     ``[chunk, V]`` tile in 128 MiB.
     """
@@ -317,16 +332,16 @@ def zerosiam_loss(
     n = h.shape[0]
     loss = total / (n if num_items is None else num_items)
     with torch.no_grad():
-        means = stats[:4].mean(-1).tolist()
-        norms = stats[4].clamp_min(0).sqrt()
-        top1 = stats[5]
+        means = stats.mean(-1).tolist()
+        norms = stats[Stat.LOGIT_SQUARED_NORM].clamp_min(0).sqrt()
+        top1 = stats[Stat.TOP1_PROB]
         return ObjectiveOutput(
             loss=loss,
             num_tokens=n,
-            entropy_online=means[0],
-            entropy_target=means[3],
-            kl_target_online=means[1],
-            kl_online_target=means[2],
+            entropy_online=means[Stat.ENTROPY_ONLINE],
+            entropy_target=means[Stat.ENTROPY_TARGET],
+            kl_target_online=means[Stat.KL_TARGET_ONLINE],
+            kl_online_target=means[Stat.KL_ONLINE_TARGET],
             logit_norm_mean=norms.mean().item(),
             logit_norm_max=norms.max().item(),
             top1_prob_mean=top1.mean().item(),

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.objectives import DEFAULT_VOCAB_CHUNK, siamese_entropy
+from zerosiam_llm.objectives import DEFAULT_VOCAB_CHUNK, Stat, siamese_entropy
 
 # ---------------------------------------------------------------------------------------------------------------
 # Coherence: the frozen base model's NLL of the completions
@@ -81,5 +81,5 @@ def base_model_nll(
             (h.to(dtype) * weight[t].to(dtype)).sum(-1)
             for h, t in zip(hidden.split(4096), targets.split(4096), strict=True)
         ])  # fmt: skip
-        total = (stats[6] - target_logit).double().sum()
+        total = (stats[Stat.LOGSUMEXP_TARGET] - target_logit).double().sum()
     return float(total) / hidden.shape[0]
