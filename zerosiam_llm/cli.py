@@ -10,6 +10,15 @@ from typing import Any
 
 import yaml
 
+from zerosiam_llm.callbacks import (
+    GUARD_EVENTS_FILE,
+    HEALTHY_DIR,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+    last_complete_checkpoint,
+)
 from zerosiam_llm.errors import UserInputError, run_cli
 from zerosiam_llm.files import atomic_write_json, atomic_write_text, check_writable, read_jsonl
 from zerosiam_llm.parser import parse_config
@@ -22,8 +31,8 @@ RESUMABLE_CHANGES = {
     "report_to", "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "resume", "overwrite_output_dir",
     "disable_tqdm", "monitor_every", "run_name", "dataloader_num_workers",
 }  # fmt: skip
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", RESOLVED_CONFIG, "README.md", "completions",
-             "guard_events.jsonl", "healthy", "predictions.jsonl")  # fmt: skip
+RUN_FILES = (METRICS_FILE, SAMPLES_FILE, SUMMARY_FILE, RESOLVED_CONFIG, "README.md", "completions", GUARD_EVENTS_FILE,
+             HEALTHY_DIR, PREDICTIONS_FILE)  # fmt: skip
 
 
 @dataclass
@@ -38,7 +47,6 @@ class OutputPlan:
 
 def _is_run_file(child: Path) -> bool:
     """Files and folders a run writes (an online stream folder included): what --overwrite_output_dir deletes."""
-    from zerosiam_llm.callbacks import PREDICTIONS_FILE
     from zerosiam_llm.online import STREAM_SUMMARY
 
     if child.name in RUN_FILES or child.name.startswith(("checkpoint-", "adapter_", "zerosiam_predictor")):
@@ -48,7 +56,6 @@ def _is_run_file(child: Path) -> bool:
 
 def _plan_output_dir(config: ZeroSiamConfig) -> OutputPlan:
     """Refuse an unusable output_dir, or one holding something else; deletes and writes nothing."""
-    from zerosiam_llm.callbacks import last_complete_checkpoint
 
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
@@ -83,7 +90,7 @@ def _plan_output_dir(config: ZeroSiamConfig) -> OutputPlan:
 
 def _finished_offline_run(config: ZeroSiamConfig, out: Path, old: dict) -> str | None:
     """Why a finished run needs nothing more (same target reached, or stopped by the guard); None to train on."""
-    summary_path = out / "summary.json"
+    summary_path = out / SUMMARY_FILE
     if not summary_path.is_file():
         return None  # never finished (killed): resume
     try:
@@ -114,7 +121,7 @@ def _commit_output_dir(plan: OutputPlan, config: ZeroSiamConfig) -> None:
 
 
 def _summarise(config: ZeroSiamConfig, counts: dict, out: Path, trainer=None) -> dict[str, Any]:
-    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m or "entropy" in m]
+    metrics = [m for m in read_jsonl(out / METRICS_FILE) if "loss" in m or "entropy" in m]
 
     def first_last(key):
         values = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
@@ -222,7 +229,7 @@ def train(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         trainer.create_model_card()
         summary = _summarise(config, counts, out, trainer)
-        atomic_write_json(out / "summary.json", summary)
+        atomic_write_json(out / SUMMARY_FILE, summary)
         _print_summary(summary)
     return 0
 

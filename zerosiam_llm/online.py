@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zerosiam_llm.callbacks import PREDICTIONS_FILE
+from zerosiam_llm.callbacks import PREDICTIONS_FILE, SUMMARY_FILE
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_write_json, atomic_write_text, read_jsonl
 from zerosiam_llm.grading import wilson_interval
@@ -127,7 +127,7 @@ def run_streams(
         if trainer is not None:
             trainer.close()
     config.output_dir = str(root)
-    atomic_write_json(root / "summary.json", {"method": config.method, "model": config.model, "streams": results})
+    atomic_write_json(root / SUMMARY_FILE, {"method": config.method, "model": config.model, "streams": results})
     return results
 
 
@@ -172,7 +172,7 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
             raise UserInputError(f"method {method} failed (exit code {proc.returncode}); see its output above")
-        results[method] = json.loads((out / "summary.json").read_text())["streams"]
+        results[method] = json.loads((out / SUMMARY_FILE).read_text())["streams"]
     title = f"Online protocol, {config.model}"
     atomic_write_text(root / "comparison.md", comparison_table(results, title))
     atomic_write_json(root / "comparison.json", {"model": config.model, "results": results})
