@@ -89,6 +89,21 @@ def _cmd(model_dir, out):
             "--max_completion_length", 40, "--stream_batch_size", 4)]  # fmt: skip
 
 
+@pytest.mark.parametrize(("k", "steps"), [(1, 1), (2, 2)])
+def test_every_problem_is_scored_last_batch_included(k, steps, tiny_model_dir, tmp_path):
+    """10 problems in batches of 4: 10 predictions and 3 batches (the last of 2), each trained on steps_per_batch
+    times; `problems` in the summary is the stream's length."""
+    out = tmp_path / f"k{k}-s{steps}"
+    assert run(online_args(tiny_model_dir, out, "--num_problems", 10, "--num_rollouts", k, "--steps_per_batch", steps,
+                           "--temperature", 1.0 if k > 1 else 0)) == 0  # fmt: skip
+    recorded = predictions(out)
+    assert len(recorded) == 10 and len({p["id"] for p in recorded}) == 10
+    assert [p["step"] for p in recorded] == [1] * 4 + [1 + steps] * 4 + [1 + 2 * steps] * 2
+    updates = [m["step"] for m in read_jsonl(out / "arithmetic" / "metrics.jsonl") if "loss" in m]
+    assert updates == list(range(1, 3 * steps + 1))
+    assert json.loads((out / "arithmetic" / "stream_summary.json").read_text())["problems"] == 10
+
+
 def test_killed_stream_resumes_at_first_unscored_batch(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -370,9 +370,9 @@ def test_group_clipping_under_deepspeed_or_fsdp_is_refused(tmp_path):
 
 # the hooks of TRL / transformers this project overrides or calls (private ones can change in any release): a TRL
 # upgrade that renames or reshapes one fails here, loudly, instead of being silently bypassed
-OVERRIDDEN = ("_get_train_sampler", "_generate_single_turn", "_prepare_inputs", "training_step",
-              "_generate_and_score_completions", "_compute_loss", "create_optimizer", "_clip_grad_norm",
-              "_get_grad_norm", "_save", "_load_from_checkpoint", "create_model_card")  # fmt: skip
+OVERRIDDEN = ("get_train_dataloader", "_get_train_sampler", "_generate_single_turn", "_prepare_inputs",
+              "training_step", "_generate_and_score_completions", "_compute_loss", "create_optimizer",
+              "_clip_grad_norm", "_get_grad_norm", "_save", "_load_from_checkpoint", "create_model_card")  # fmt: skip
 CALLED = {
     "_get_last_hidden_state": ("unwrapped_model", "input_ids", "attention_mask", "logits_to_keep"),
     "set_initial_training_values": ("args", "dataloader"),

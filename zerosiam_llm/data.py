@@ -217,7 +217,14 @@ def report_prompt_counts(counts: dict, max_prompt: int | None, policy: str) -> N
 
 def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str = "the data set") -> None:
     """Refuse a data set that yields no full generation batch (TRL's RepeatSampler drops a last partial batch, so it
-    would train nothing); say how many prompts a partial last batch leaves out."""
+    would train nothing); say how many prompts a partial last batch leaves out. An online stream in one process keeps
+    its last, shorter batch (``zerosiam_trainer.StreamBatchSampler``): every problem is scored."""
+    if config.protocol == "online" and num_processes == 1:
+        left = num_prompts % config.stream_batch_size
+        if left:
+            print(f"note: {what}: {num_prompts} problems in batches of {config.stream_batch_size}; the last batch "
+                  f"has {left} (answered, scored and trained on like the others)")  # fmt: skip
+        return
     if config.protocol == "online":
         per_batch, how = config.stream_batch_size * num_processes, f"stream_batch_size {config.stream_batch_size}"
     else:

@@ -8,6 +8,7 @@ DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what Z
 - ``_clip_grad_norm`` / ``_get_grad_norm``: per-group clipping and per-group grad-norm logs;
 - ``_save`` / ``_load_from_checkpoint``: the predictor sidecar next to the normal peft adapter;
 - ``_get_train_sampler``: k rollouts per prompt (offline protocol);
+- ``get_train_dataloader``: the online stream's batches in order, its last shorter batch included (one process);
 - ``_generate_and_score_completions``: after TRL returns the rollout tensors, decode and grade them for monitor-only
   metrics and the per-sample record. Nothing computed from gold answers goes back into the returned batch.
 """
@@ -147,6 +148,20 @@ class ZeroSiamTrainer(DistillationTrainer):
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
 
     # ---------------------------------------------------------------- rollouts
+
+    def get_train_dataloader(self):
+        if self.args.protocol != "online" or self.accelerator.num_processes > 1:
+            return super().get_train_dataloader()
+        # online, one process: explicit batches so that the stream's last, shorter batch is answered, scored and
+        # trained on too (TRL's RepeatSampler drops it); each batch repeats steps_per_batch times, k rows a problem
+        from torch.utils.data import DataLoader
+
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        batches = StreamBatchSampler(len(dataset), self.args.stream_batch_size, self.args.num_rollouts,
+                                     self.args.steps_per_batch)  # fmt: skip
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers)  # fmt: skip
+        return self.accelerator.prepare(loader)
 
     def _get_train_sampler(self, dataset=None):
         # k rollouts per prompt: each prompt index repeats k times in a row within its generation batch (as in GRPO)
@@ -531,6 +546,24 @@ class ZeroSiamTrainer(DistillationTrainer):
         if self._owns_grader and self._grader is not None:
             self._grader.close()
             self._grader = None
+
+
+class StreamBatchSampler(torch.utils.data.Sampler):
+    """The online stream's batches in order: ``batch_size`` problems at a time, the last batch shorter when the stream
+    does not divide evenly; each problem index ``k`` times in a row, each batch ``repeats`` times (one prediction,
+    then ``steps_per_batch`` updates on it)."""
+
+    def __init__(self, num_problems: int, batch_size: int, k: int = 1, repeats: int = 1) -> None:
+        self.num_problems, self.batch_size, self.k, self.repeats = num_problems, batch_size, k, repeats
+
+    def __iter__(self):
+        for start in range(0, self.num_problems, self.batch_size):
+            batch = [i for i in range(start, min(start + self.batch_size, self.num_problems)) for _ in range(self.k)]
+            for _ in range(self.repeats):
+                yield batch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_problems / self.batch_size) * self.repeats
 
 
 def check_group_clipping(args: ZeroSiamConfig, sharded: bool) -> None:
