@@ -4,12 +4,14 @@ Variants (each in its own subprocess, so the peak RSS is the variant's own):
   tent           chunked Tent (objectives.tent_loss)
   zerosiam       fused chunked ZeroSiam (objectives.zerosiam_loss, full predictor)
   zerosiam-lora  fused chunked ZeroSiam, low-rank predictor (r = 32)
+  come           fused chunked COME (objectives.come_loss: the entropy of a Dirichlet opinion, K = vocabulary size)
   naive-tent     full [N, V] logits, then torch ops
   naive-zerosiam full [N, V] logits for both branches, then torch ops (objectives.reference_terms)
 
     python benchmarks/bench_loss.py                 # all variants, interleaved, 3 rounds, prints a table
     python benchmarks/bench_loss.py --rounds 5 --batch 8 --length 256
     python benchmarks/bench_loss.py --paired 8      # tent and zerosiam alternating in one process: the ratio
+    python benchmarks/bench_loss.py --paired 8 --paired_variants tent,come
 
 Each timed step is one backbone forward + loss + backward (LoRA r = 16 on all linear layers, fp32); the printed time
 is the median over rounds after one warm-up step per process. Peak RSS is the process high-water mark, which
@@ -28,7 +30,7 @@ import time
 
 from paired import print_paired
 
-VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "naive-tent", "naive-zerosiam")
+VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "come", "naive-tent", "naive-zerosiam")
 
 
 def run_variant(variant: str, batch: int, length: int, prompt: int, steps: int) -> dict:
@@ -61,7 +63,7 @@ def make_step(variant: str, batch: int, length: int, prompt: int):
     import torch
 
     from zerosiam_llm.modeling import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
-    from zerosiam_llm.objectives import reference_terms, tent_loss, zerosiam_loss
+    from zerosiam_llm.objectives import come_loss, reference_terms, tent_loss, zerosiam_loss
     from zerosiam_llm.predictor import Predictor
 
     global _MODEL
@@ -89,6 +91,8 @@ def make_step(variant: str, batch: int, length: int, prompt: int):
         h = final_hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
         if variant == "tent":
             loss = tent_loss(h, mask, weight).loss
+        elif variant == "come":
+            loss = come_loss(h, mask, weight).loss
         elif variant.startswith("zerosiam"):
             loss = zerosiam_loss(h, mask, weight, predictor).loss
         else:
@@ -112,10 +116,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--paired", type=int, default=0, metavar="STEPS",
-                        help="instead: tent and zerosiam alternating in one process for STEPS steps each")
+                        help="instead: two variants alternating in one process for STEPS steps each")
+    parser.add_argument("--paired_variants", default="tent,zerosiam", help="the two variants of --paired, Tent first")
     args = parser.parse_args()
     if args.paired:
-        times = run_paired(["tent", "zerosiam"], args.batch, args.length, args.prompt, args.paired)
+        times = run_paired(args.paired_variants.split(","), args.batch, args.length, args.prompt, args.paired)
         print(f"\npaired in one process, {args.paired} alternating steps each, {args.batch} x {args.length} tokens")
         print_paired(times, "step")
         return

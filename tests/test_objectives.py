@@ -5,7 +5,16 @@ import torch
 
 from zerosiam_llm import objectives
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.objectives import Stat, reference_terms, siamese_entropy, tent_loss, zerosiam_loss
+from zerosiam_llm.objectives import (
+    Stat,
+    come_entropy,
+    come_loss,
+    come_reference,
+    reference_terms,
+    siamese_entropy,
+    tent_loss,
+    zerosiam_loss,
+)
 from zerosiam_llm.predictor import Predictor
 
 D, V = 24, 101  # V not a multiple of the chunk: the last vocab tile is ragged
@@ -236,3 +245,43 @@ def test_bad_input():
         tent_loss(hidden, mask, weight, temperature=0)
     with pytest.raises(UserInputError, match="mask shape"):
         tent_loss(hidden, mask[:, :3], weight)
+
+
+# ------------------------------------------------------------------------------------------- COME
+
+
+@pytest.mark.parametrize("num_classes", [None, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("token_chunk", [3, None])
+def test_come_matches_the_reference_code(num_classes, temperature, token_chunk):
+    """The fused chunked COME loss and its gradient equal the reference code's formula (full logits, norm held fixed
+    through .detach(), autograd) in float64, for K = vocabulary size and other K."""
+    hidden, weight, mask = _inputs(seed=11)
+    hidden = hidden.double().requires_grad_(True)
+    weight = weight.double()
+    out = come_loss(hidden, mask, weight, temperature, token_chunk=token_chunk, vocab_chunk=17,
+                    num_classes=num_classes)  # fmt: skip
+    out.loss.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref = come_reference(hidden[mask], weight, num_classes, temperature).mean()
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-10, atol=1e-12)
+    # the monitors see the softmax, as for Tent: H(p_o) = H(p_r), no divergence
+    tent = tent_loss(hidden.detach(), mask, weight, temperature)
+    assert out.entropy_target == pytest.approx(tent.entropy_target, rel=1e-12) and out.kl_target_online == 0.0
+
+
+def test_come_holds_the_logit_norm_and_differs_from_tent():
+    """The gradient w.r.t. the logits has no component along the logits (the reference's norm trick), and COME's
+    loss and gradient are not Tent's."""
+    hidden, weight, mask = _inputs(seed=12)
+    h = hidden[mask].double().requires_grad_(True)
+    z = (h @ weight.double().T).detach().requires_grad_(True)
+    total, _ = come_entropy(z, torch.eye(z.shape[1], dtype=torch.float64))  # identity head: the gradient is dH/dz
+    total.backward()
+    assert (z.grad * z).sum(-1).abs().max() < 1e-10
+    small = hidden.double() * 0.02  # logits of norm ~2: sum exp(z) is comparable to K, the uncertainty mass matters
+    come, tent = come_loss(small, mask, weight.double()), tent_loss(small, mask, weight.double())
+    assert abs(come.loss.item() - tent.loss.item()) > 1e-2

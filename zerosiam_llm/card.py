@@ -33,6 +33,16 @@ PAPERS = {
             "  year={2026}\n}"
         ),
     },
+    "come": {
+        "name": "COME",
+        "title": "COME: Test-time Adaption by Conservatively Minimizing Entropy",
+        "id": "2410.10894",
+        "citation": (
+            "@inproceedings{zhang2025come,\n  title={COME: Test-time Adaption by Conservatively Minimizing Entropy},\n"
+            "  author={Zhang, Qingyang and Bian, Yatao and Kong, Xinke and Zhao, Peilin and Zhang, Changqing},\n"
+            "  booktitle={ICLR},\n  year={2025}\n}"
+        ),
+    },
     "tent": {
         "name": "Tent",
         "title": "Tent: Fully Test-time Adaptation by Entropy Minimization",
@@ -89,14 +99,17 @@ def _use_section(args) -> str:
 
 
 def _training_section(args, metrics: list[dict]) -> str:
-    method = "ZeroSiam" if args.method == "zerosiam" else "Tent (entropy minimisation)"
+    method = {"zerosiam": "ZeroSiam", "come": "COME (entropy of a Dirichlet opinion)"}.get(
+        args.method, "Tent (entropy minimisation)"
+    )
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum: print "linear"
     steps = max((m.get("step", 0) for m in metrics), default=0)
-    loss = (
-        " plus a stop-gradient alignment term through a learned predictor, which rules out collapsed solutions."
-        if args.method == "zerosiam"
-        else "."
-    )
+    loss = {
+        "zerosiam": " plus a stop-gradient alignment term through a learned predictor, which rules out collapsed "
+        "solutions.",
+        "come": ", taken over a Dirichlet opinion with an uncertainty mass (COME), with the logit norm held fixed in "
+        "the backward pass.",
+    }.get(args.method, ".")
     lines = [
         f"Adapted at test time with **{method}** on unlabeled prompts from `{args.dataset}`. **Trained without "
         f"labels**: the loss is the model's own token entropy{loss} Gold answers, where the data had them, were "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -315,12 +316,7 @@ def zerosiam_loss(
         raise UserInputError(f"alpha must be >= 0, got {alpha}")
     if predictor is None and alpha != 0:
         raise UserInputError(f"alpha={alpha} needs a predictor; Tent is alpha=0 with predictor=None")
-    mask = mask.bool()
-    if mask.shape != hidden.shape[:-1]:
-        raise UserInputError(f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:-1])}")
-    if not bool(mask.any()):
-        raise UserInputError("the loss mask selects no position: every completion is empty or masked out")
-    h = hidden[mask]  # compact first: prompt and padding rows never reach the head
+    h = _selected_rows(hidden, mask)
     if predictor is not None:
         with _full_fp32_matmuls():  # D h is tiny next to h near P = I: bf16-internal / TF32 GEMMs would distort it
             h_online, h_target = predictor(h), h
@@ -329,7 +325,21 @@ def zerosiam_loss(
     total, stats = siamese_entropy(
         h_online, h_target, lm_head_weight, (1.0, alpha, alpha), temperature, token_chunk, vocab_chunk, gather
     )
-    n = h.shape[0]
+    return _objective_output(total, stats, num_items)
+
+
+def _selected_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.bool()
+    if mask.shape != hidden.shape[:-1]:
+        raise UserInputError(f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:-1])}")
+    if not bool(mask.any()):
+        raise UserInputError("the loss mask selects no position: every completion is empty or masked out")
+    return hidden[mask]  # compact first: prompt and padding rows never reach the head
+
+
+def _objective_output(total: torch.Tensor, stats: torch.Tensor, num_items) -> ObjectiveOutput:
+    """The mean loss over the selected tokens (or ``num_items``) and the monitors' statistics."""
+    n = stats.shape[1]
     loss = total / (n if num_items is None else num_items)
     with torch.no_grad():
         means = stats.mean(-1).tolist()
@@ -360,6 +370,132 @@ def tent_loss(
 ) -> ObjectiveOutput:
     """Tent / EM-FT: mean token entropy of the model's own distribution (ZeroSiam with alpha=0, no predictor)."""
     return zerosiam_loss(hidden, mask, lm_head_weight, None, 0.0, temperature, num_items, vocab_chunk, token_chunk)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# COME (Zhang et al., ICLR 2025): the entropy of a Dirichlet opinion instead of the softmax entropy
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _FusedCome(torch.autograd.Function):
+    """``sum_t H(opinion_t)`` with its gradient w.r.t. ``h``, computed chunk by chunk in the forward pass like
+    :class:`_FusedSiameseEntropy` (one ``[chunk, V]`` tile, two GEMMs per chunk)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad, gather):  # type: ignore[override]
+        with gather(), _full_fp32_matmuls():
+            total, stats, grad = _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad)
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = h.dtype
+        ctx.mark_non_differentiable(stats)
+        return total, stats
+
+    @staticmethod
+    def backward(ctx, g_total, _g_stats):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * g_total).to(ctx.input_dtype), None, None, None, None, None, None, None
+
+
+def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad):
+    """Per token, with z the logits, S = sum exp(z), K = ``num_classes``: beliefs b = exp(z) / (S + K), uncertainty
+    u = K / (S + K), and H = -sum b log b - u log u = M - w E_p[z] - u log K, where M = log(S + K), w = 1 - u and p the
+    softmax. dH/dz = w p (w E_p[z] + u log K - z). As in the reference code, z enters as z / ||z|| * ||z||.detach():
+    the value is unchanged and the gradient loses its component along z (the logit norm is held fixed)."""
+    dtype = _compute_dtype(h, weight)
+    device = h.device
+    n, vocab = h.shape[0], weight.shape[0]
+    inv_t, log_k = 1.0 / temperature, math.log(num_classes)
+    rows = chunk_rows(n, vocab, dtype, token_chunk)
+    tile = torch.empty(rows, vocab, dtype=dtype, device=device)
+    block = max(1, min(rows, _block_bytes(device) // (vocab * dtype.itemsize)))
+    scratch = torch.empty(block, vocab, dtype=dtype, device=device)
+    stats = torch.zeros(len(Stat), n, dtype=dtype, device=device)  # the softmax statistics, for the monitors
+    opinion = torch.empty(n, dtype=dtype, device=device)
+    grad = torch.empty(n, h.shape[1], dtype=dtype, device=device) if want_grad else None
+    for start in range(0, n, rows):
+        sl = slice(start, start + rows)
+        z_all = _project(h[sl].to(dtype) * inv_t, weight, tile, vocab_chunk)
+        for b0 in range(0, z_all.shape[0], block):
+            z = z_all[b0 : b0 + block]
+            e = scratch[: z.shape[0]]
+            m = z.amax(-1, keepdim=True)
+            torch.sub(z, m, out=e).exp_()
+            s = e.sum(-1)
+            lse = m.squeeze(-1) + s.log()
+            ez = _rowdot(e, z) / s  # E_p[z]
+            big_m = torch.logaddexp(lse, torch.full_like(lse, log_k))  # log(S + K)
+            w, u = (lse - big_m).exp(), (log_k - big_m).exp()
+            rs = slice(start + b0, start + b0 + z.shape[0])
+            opinion[rs] = big_m - w * ez - u * log_k
+            z_sq = _rowdot(z, z)
+            stats[Stat.ENTROPY_ONLINE, rs] = stats[Stat.ENTROPY_TARGET, rs] = lse - ez
+            stats[Stat.LOGIT_SQUARED_NORM, rs] = z_sq * temperature**2
+            stats[Stat.TOP1_PROB, rs] = s.reciprocal()
+            stats[Stat.LOGSUMEXP_TARGET, rs] = lse
+            if want_grad:
+                # g = p (a z + c), a = -w, c = w (w E_p[z] + u log K); the norm trick removes g's component along z:
+                # dz = g - along z with along = (z . g) / ||z||^2 = (a E_p[z^2] + c E_p[z]) / ||z||^2. Written in
+                # place over z with q = a p - along: dz = q (z + c/a) + along c/a, and c/a = -(w E_p[z] + u log K).
+                a, c_over_a = -w, -(w * ez + u * log_k)
+                ez2 = _rowdot(e, z * z) / s
+                along = a * (ez2 + c_over_a * ez) / z_sq.clamp_min(torch.finfo(dtype).tiny)
+                e.mul_((1.0 / s)[:, None]).mul_(a[:, None]).sub_(along[:, None])  # q
+                z.add_(c_over_a[:, None]).mul_(e).add_((along * c_over_a)[:, None])
+        if want_grad:
+            _back_project(z_all, weight, grad[sl], vocab_chunk)
+    if want_grad:
+        grad.mul_(inv_t)
+    return opinion.sum(), stats, grad
+
+
+def come_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    num_classes: int | None = None,
+    temperature: float = 1.0,
+    token_chunk: int | None = None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of the per-token opinion entropies, stats)``; ``num_classes`` K defaults to the vocabulary size."""
+    if weight.requires_grad:
+        raise UserInputError("the LM head must be frozen: its weight requires grad")
+    want_grad = torch.is_grad_enabled() and h.requires_grad
+    k = int(num_classes or weight.shape[0])
+    return _FusedCome.apply(h, weight, k, float(temperature), token_chunk, vocab_chunk, want_grad, gather)
+
+
+def come_loss(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    temperature: float = 1.0,
+    num_items: float | torch.Tensor | None = None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
+    num_classes: int | None = None,
+) -> ObjectiveOutput:
+    """COME: mean per-token entropy of the Dirichlet opinion (:func:`come_entropy`); the statistics are the softmax's,
+    as for Tent (one branch: KLs 0, H(p_o) = H(p_r))."""
+    if temperature <= 0:
+        raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
+    h = _selected_rows(hidden, mask)
+    total, stats = come_entropy(h, lm_head_weight, num_classes, temperature, token_chunk, vocab_chunk, gather)
+    return _objective_output(total, stats, num_items)
+
+
+def come_reference(h: torch.Tensor, weight: torch.Tensor, num_classes: int | None = None, temperature: float = 1.0):
+    """The per-token opinion entropy exactly as the COME reference code writes it (full logits, the norm held fixed in
+    the backward pass through ``.detach()``; without its +1e-7 inside the log): tests only."""
+    z = h @ weight.T / temperature
+    norm = z.norm(p=2, dim=-1, keepdim=True)
+    z = z / norm * norm.detach()
+    k = num_classes or weight.shape[0]
+    evidence = z.exp()
+    total = evidence.sum(-1, keepdim=True) + k
+    opinion = torch.cat([evidence / total, k / total], dim=-1)
+    return -(opinion * opinion.log()).sum(-1)
 
 
 def reference_terms(

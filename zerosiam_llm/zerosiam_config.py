@@ -20,7 +20,7 @@ from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
 
-METHODS = ("zerosiam", "tent", "none")
+METHODS = ("zerosiam", "tent", "come", "none")
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "model")
@@ -74,8 +74,9 @@ class ZeroSiamConfig(DistillationConfig):
     method: str = field(
         default="zerosiam",
         metadata={
-            "help": "zerosiam (predictor + stop-gradient alignment), tent (plain entropy minimisation), or none "
-            "(online protocol only: predictions without adaptation)."
+            "help": "zerosiam (predictor + stop-gradient alignment), tent (plain entropy minimisation), come (the "
+            "entropy of a Dirichlet opinion, K = vocabulary size; Zhang et al., ICLR 2025), or none (online protocol "
+            "only: predictions without adaptation)."
         },
     )
     protocol: str = field(
@@ -272,7 +273,7 @@ class ZeroSiamConfig(DistillationConfig):
             self.bf16 = _cuda_bf16()
         if self.protocol == "online":
             self._setup_online()
-        if self.method in ("tent", "none"):
+        if self.method in ("tent", "come", "none"):
             self.alpha = 0.0
         if self.temperature == 0:
             # greedy decoding (a generation setting; the loss has its own loss_temperature): HF generate takes

@@ -50,7 +50,7 @@ from zerosiam_llm.modeling import (
     lm_head_weight,
 )
 from zerosiam_llm.monitoring import base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
-from zerosiam_llm.objectives import zerosiam_loss
+from zerosiam_llm.objectives import come_loss, zerosiam_loss
 from zerosiam_llm.optimizers import AdamWWithSGDGroups
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
@@ -403,18 +403,17 @@ class ZeroSiamTrainer(DistillationTrainer):
             zero = hidden.sum() * 0.0
             return zero, zero.detach(), torch.zeros((), device=hidden.device)
         predictor = get_predictor(unwrapped_student) if self.args.uses_predictor else None
-        out = zerosiam_loss(
-            hidden,
-            loss_mask,
-            weight,
-            predictor,
-            alpha=self.args.alpha,
-            temperature=self.args.loss_temperature,
-            num_items=num_items_in_batch,
-            vocab_chunk=self.args.vocab_chunk_size,
-            token_chunk=self.args.token_chunk_size,
-            gather=lambda: maybe_gather_lm_head_ctx(head.weight),
-        )
+        common = {
+            "temperature": self.args.loss_temperature,
+            "num_items": num_items_in_batch,
+            "vocab_chunk": self.args.vocab_chunk_size,
+            "token_chunk": self.args.token_chunk_size,
+            "gather": lambda: maybe_gather_lm_head_ctx(head.weight),
+        }
+        if self.args.method == "come":
+            out = come_loss(hidden, loss_mask, weight, **common)
+        else:
+            out = zerosiam_loss(hidden, loss_mask, weight, predictor, alpha=self.args.alpha, **common)
         mode = "train" if self.model.training else "eval"
         for name, value in out.metrics("zerosiam/").items():
             self._metrics[mode][name].append(value)
@@ -537,7 +536,7 @@ class ZeroSiamTrainer(DistillationTrainer):
         from zerosiam_llm.card import card_dataset, complete_model_card
 
         out = Path(self.args.output_dir)
-        self._paper = PAPERS["zerosiam" if self.args.method == "zerosiam" else "tent"]  # the method this run used
+        self._paper = PAPERS.get(self.args.method, PAPERS["tent"])  # the method this run used
         self._name = self._paper["name"]
         super().create_model_card(model_name or out.name, dataset_name or card_dataset(self.args), tags)
         complete_model_card(out / "README.md", self.args, read_jsonl(out / METRICS_FILE))
