@@ -78,35 +78,42 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-class _FusedSiameseEntropy(torch.autograd.Function):
-    """``sum_t w_h H(p_o) + w_ro KL(p_r||p_o) + w_or KL(p_o||p_r)`` with its gradient w.r.t. ``h_online``.
-
-    One pass per token chunk: project both branches over the whole vocabulary into two reused ``[chunk, V]`` tiles
-    (one for Tent), reduce the statistics and, when a gradient is wanted, overwrite the online tile with ``dl/dz_o``
-    row block by row block and multiply it back through the head. The gradient is therefore computed in the forward
-    pass (the weights are known there) and backward only scales it: no logits are recomputed, three GEMMs per chunk for
-    ZeroSiam and two for Tent.
-    """
+class _GradientInForward(torch.autograd.Function):
+    """A chunked loss whose gradient w.r.t. ``h`` is computed in its forward pass, where the weights are known:
+    ``run()`` returns ``(total, stats, grad)``; backward only scales ``grad`` (no logits are recomputed)."""
 
     @staticmethod
-    def forward(ctx, h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad, gather):  # type: ignore[override]
+    def forward(ctx, h, run, gather):  # type: ignore[override]
         # `gather` (ZeRO-3) materialises a sharded head weight for the duration of the pass
         with gather(), _full_fp32_matmuls():
-            total, stats, grad = _fused_pass(
-                h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad
-            )
+            total, stats, grad = run()
         ctx.save_for_backward(grad)
-        ctx.input_dtype = h_online.dtype
+        ctx.input_dtype = h.dtype
         ctx.mark_non_differentiable(stats)
         return total, stats
 
     @staticmethod
     def backward(ctx, g_total, _g_stats):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return (grad * g_total).to(ctx.input_dtype), None, None, None, None, None, None, None, None
+        return (grad * g_total).to(ctx.input_dtype), None, None
+
+
+def _check_loss_args(weight: torch.Tensor, temperature: float, token_chunk: int | None, vocab_chunk: int) -> None:
+    if temperature <= 0:
+        raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
+    if weight.requires_grad:
+        raise UserInputError("the LM head must be frozen: its weight requires grad")
+    if (token_chunk is not None and token_chunk < 1) or vocab_chunk < 1:
+        raise UserInputError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}")
 
 
 def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad):
+    """``sum_t w_h H(p_o) + w_ro KL(p_r||p_o) + w_or KL(p_o||p_r)``, its statistics and gradient w.r.t. ``h_online``.
+
+    One pass per token chunk: project both branches over the whole vocabulary into two reused ``[chunk, V]`` tiles
+    (one for Tent), reduce the statistics and, when a gradient is wanted, overwrite the online tile with ``dl/dz_o``
+    row block by row block and multiply it back through the head: three GEMMs per chunk for ZeroSiam, two for Tent.
+    """
     dtype = _compute_dtype(h_online, weight)
     device = h_online.device
     n, vocab = h_online.shape[0], weight.shape[0]
@@ -273,18 +280,15 @@ def siamese_entropy(
     ``token_chunk`` is the most tokens per chunk (the chunks are made equal); ``None``: as many as fit one fp32
     ``[chunk, V]`` tile in 128 MiB.
     """
-    if temperature <= 0:
-        raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
-    if weight.requires_grad:
-        raise UserInputError("the LM head must be frozen: its weight requires grad")
-    if (token_chunk is not None and token_chunk < 1) or vocab_chunk < 1:
-        raise UserInputError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}")
+    _check_loss_args(weight, temperature, token_chunk, vocab_chunk)
     target = h_target.detach() if h_target is not None else None
     want_grad = torch.is_grad_enabled() and h_online.requires_grad
     weights = tuple(float(w) for w in weights)
-    return _FusedSiameseEntropy.apply(
-        h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad, gather
-    )
+
+    def run():
+        return _fused_pass(h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad)
+
+    return _GradientInForward.apply(h_online, run, gather)
 
 
 def zerosiam_loss(
@@ -377,25 +381,6 @@ def tent_loss(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class _FusedCome(torch.autograd.Function):
-    """``sum_t H(opinion_t)`` with its gradient w.r.t. ``h``, computed chunk by chunk in the forward pass like
-    :class:`_FusedSiameseEntropy` (one ``[chunk, V]`` tile, two GEMMs per chunk)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad, gather):  # type: ignore[override]
-        with gather(), _full_fp32_matmuls():
-            total, stats, grad = _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad)
-        ctx.save_for_backward(grad)
-        ctx.input_dtype = h.dtype
-        ctx.mark_non_differentiable(stats)
-        return total, stats
-
-    @staticmethod
-    def backward(ctx, g_total, _g_stats):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return (grad * g_total).to(ctx.input_dtype), None, None, None, None, None, None, None
-
-
 def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad):
     """Per token, with z the logits, S = sum exp(z), K = ``num_classes``: beliefs b = exp(z) / (S + K), uncertainty
     u = K / (S + K), and H = -sum b log b - u log u = M - w E_p[z] - u log K, where M = log(S + K), w = 1 - u and p the
@@ -457,12 +442,16 @@ def come_entropy(
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of the per-token opinion entropies, stats)``; ``num_classes`` K defaults to the vocabulary size."""
-    if weight.requires_grad:
-        raise UserInputError("the LM head must be frozen: its weight requires grad")
+    """``(sum of the per-token opinion entropies, stats)``, one ``[chunk, V]`` tile and two GEMMs per chunk, the
+    gradient computed in the forward pass like the siamese loss; ``num_classes`` K defaults to the vocabulary size."""
+    _check_loss_args(weight, temperature, token_chunk, vocab_chunk)
     want_grad = torch.is_grad_enabled() and h.requires_grad
     k = int(num_classes or weight.shape[0])
-    return _FusedCome.apply(h, weight, k, float(temperature), token_chunk, vocab_chunk, want_grad, gather)
+
+    def run():
+        return _come_pass(h, weight, k, float(temperature), token_chunk, vocab_chunk, want_grad)
+
+    return _GradientInForward.apply(h, run, gather)
 
 
 def come_loss(
@@ -478,8 +467,6 @@ def come_loss(
 ) -> ObjectiveOutput:
     """COME: mean per-token entropy of the Dirichlet opinion (:func:`come_entropy`); the statistics are the softmax's,
     as for Tent (one branch: KLs 0, H(p_o) = H(p_r))."""
-    if temperature <= 0:
-        raise UserInputError(f"loss_temperature must be > 0, got {temperature}")
     h = _selected_rows(hidden, mask)
     total, stats = come_entropy(h, lm_head_weight, num_classes, temperature, token_chunk, vocab_chunk, gather)
     return _objective_output(total, stats, num_items)
