@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.files import parse_jsonl
 
 GENERATED_PREFIX = "generated:"
@@ -72,17 +72,16 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         return _load_dataset(LOCAL_SUFFIXES[suffix], data_files=str(path), split="train", **kwargs)
     except Exception as err:  # pyarrow / datasets raise many types for a damaged file
         if suffix == ".parquet":
-            raise UserInputError(f"data file {path} is not a readable Parquet file: {_first_line(err)}") from None
+            raise UserInputError(f"data file {path} is not a readable Parquet file: {_innermost_line(err)}") from None
         parse_jsonl(raw, path, "data file")  # names the first bad line, if that is the cause
-        raise UserInputError(f"data file {path} could not be read as JSON: {_first_line(err)}") from None
+        raise UserInputError(f"data file {path} could not be read as JSON: {_innermost_line(err)}") from None
 
 
-def _first_line(err: BaseException) -> str:
+def _innermost_line(err: BaseException) -> str:
     """The first line of the innermost cause (datasets wraps the arrow error that says what is wrong)."""
     while err.__cause__ is not None or err.__context__ is not None:
         err = err.__cause__ or err.__context__
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
 
 
 def _load_dataset(path: str, **kwargs) -> list[dict[str, Any]]:
@@ -99,7 +98,7 @@ def _read_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]
     try:
         return _load_dataset(name, name=config, split=split)
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
-        raise UserInputError(f"cannot load data set {name!r} (split {split!r}): {_first_line(err)}") from None
+        raise UserInputError(f"cannot load data set {name!r} (split {split!r}): {first_line(err)}") from None
 
 
 def load_problems(

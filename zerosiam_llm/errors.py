@@ -21,6 +21,13 @@ class UserInputError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what one-line errors quote
+    of a library's exception."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     """Run ``main(argv)``; a :class:`UserInputError` becomes one stderr line and exit code 2 (traceback: --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.errors import UserInputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _load_error(what: str, source: ModelSource, err: BaseException) -> UserInput
         where = f"from the GGUF file {Path(source.name_or_path) / source.gguf_file}"
     else:
         where = f"from the folder {source.name_or_path} (expected a save_pretrained folder)"
-    return UserInputError(f"cannot load {what} {source.spec} {where}: {_first_line(err)}")
+    return UserInputError(f"cannot load {what} {source.spec} {where}: {first_line(err)}")
 
 
 def _strip_gguf_quantizer(model: nn.Module) -> None:
@@ -285,11 +285,6 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return out.last_hidden_state
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
@@ -349,7 +344,7 @@ def check_adapter(adapter: str, revision: str | None = None) -> None:
     try:
         PeftConfig.from_pretrained(location, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserInputError(f"cannot load adapter {adapter} (a peft folder or Hub id): {first}") from None
 
 
@@ -367,6 +362,6 @@ def load_adapter(model, adapter: str, merge: bool = True, revision: str | None =
     try:
         peft_model = PeftModel.from_pretrained(model, location, is_trainable=False, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserInputError(f"cannot load adapter {adapter}: {first}") from None
     return peft_model.merge_and_unload() if merge else peft_model

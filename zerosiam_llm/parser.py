@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.files import load_yaml
 from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
@@ -259,7 +259,7 @@ class FieldParser(TrlParser):
         except UserInputError:
             raise
         except (ValueError, TypeError) as err:  # a TrainingArguments check outside the config's own validation
-            raise UserInputError(str(err).strip().splitlines()[0]) from None
+            raise UserInputError(first_line(err)) from None
         if rest:
             token = rest[0]
             if token.startswith("--"):

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from trl import DistillationConfig
 
-from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
@@ -284,7 +284,7 @@ class ZeroSiamConfig(DistillationConfig):
         try:
             super().__post_init__()
         except (ValueError, TypeError) as err:
-            raise UserInputError(str(err).strip().splitlines()[0]) from None
+            raise UserInputError(first_line(err)) from None
 
     def _parse_structured_fields(self) -> None:
         # on the command line, structured fields come as JSON (as TRL's do) and lists as "a,b" or several values

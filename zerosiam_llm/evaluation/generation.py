@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.modeling import adapter_location, cpu_supports_bf16, load_adapter
 
 logger = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ class VLLMGenerator(Generator):
         try:
             return snapshot_download(location)
         except Exception as err:  # noqa: BLE001  (hub errors come in many types; one line for the user)
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise UserInputError(f"cannot download adapter {adapter} from the Hub: {first}") from None
 
     def describe(self) -> dict[str, Any]:
