@@ -58,9 +58,7 @@ def _plan_output_dir(config: ZeroSiamConfig) -> OutputPlan:
     """Refuse an unusable output_dir, or one holding something else; deletes and writes nothing."""
 
     out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"output_dir {out} exists and is not a directory")
-    check_writable(out, "output_dir")
+    check_writable(out, "output_dir")  # also: a file in the way
     if not out.exists() or not any(out.iterdir()):
         return OutputPlan(out)
     if config.overwrite_output_dir:

@@ -27,7 +27,8 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UserInputError(f"{what} {folder}: {probe} exists and is not a directory")
+        where = "" if probe == folder else f": {probe}"
+        raise UserInputError(f"{what} {folder}{where} exists and is not a directory")
     try:
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".zerosiam-write-test-"):
             pass

@@ -26,6 +26,7 @@ from zerosiam_llm.grading import wilson_interval
 from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 STREAM_SUMMARY = "stream_summary.json"
+TRAIN_COMMAND = (sys.executable, "-m", "zerosiam_llm")  # the training command in a child process, from any folder
 
 
 def order_stream(problems: list[dict[str, Any]], seed: int | None) -> list[dict[str, Any]]:
@@ -167,7 +168,7 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
     results = {}
     for method in config.compare_methods:
         out = root / method
-        cmd = [sys.executable, "-m", "zerosiam_llm", *base, "--method", method, "--output_dir", str(out)]
+        cmd = [*TRAIN_COMMAND, *base, "--method", method, "--output_dir", str(out)]
         print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd)
         if proc.returncode != 0:

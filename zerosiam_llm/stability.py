@@ -634,9 +634,6 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(message)
 
 
-TRAIN_COMMAND = (sys.executable, "-m", "zerosiam_llm")  # the training command, from any folder
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line; each cell runs ``python -m zerosiam_llm ...`` (the training command) in its own process."""
     from zerosiam_llm.errors import run_cli
@@ -660,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
                     records[cell] = json.loads(path.read_text())
             write_report(grid, records, ns.output_dir)
         else:
+            from zerosiam_llm.online import TRAIN_COMMAND  # here: a bad grid file is refused without loading torch+trl
+
             _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads)
             if failed:
                 return 1

@@ -137,8 +137,6 @@ def _prepare_run_dir(
 ) -> dict[str, Any]:
     """Check ``out`` against the settings of this command (deletes nothing); returns the run record to write (old +
     new benchmarks)."""
-    if out.exists() and not out.is_dir():
-        raise UserInputError(f"output_dir {out} exists and is not a directory")
     previous = read_run_config(out) if out.is_dir() and not overwrite else None
     # With --overwrite the caller deletes the old files once the data has loaded (a typo deletes nothing).
     if (
@@ -343,8 +341,8 @@ def run_evaluation(
     out = Path(args.output_dir).expanduser()
     # Everything that can be refused (settings, data, model files, adapter, results) is checked before the old run is
     # deleted (--overwrite) or run_config.json is written: a corrected command into the same folder then just works.
+    check_writable(out, "output_dir")  # also: a file in the way
     record = _prepare_run_dir(out, run, bench_settings, args.overwrite, list(all_benchmarks))
-    check_writable(out, "output_dir")
 
     problems_by_bench, sources, sizes = {}, {}, {}
     for bench in selected:
