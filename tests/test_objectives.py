@@ -11,6 +11,7 @@ from zerosiam_llm.objectives import (
     come_loss,
     come_reference,
     reference_terms,
+    sar_loss,
     siamese_entropy,
     tent_loss,
     zerosiam_loss,
@@ -285,3 +286,67 @@ def test_come_holds_the_logit_norm_and_differs_from_tent():
     small = hidden.double() * 0.02  # logits of norm ~2: sum exp(z) is comparable to K, the uncertainty mass matters
     come, tent = come_loss(small, mask, weight.double()), tent_loss(small, mask, weight.double())
     assert abs(come.loss.item() - tent.loss.item()) > 1e-2
+
+
+def _sar_reference(hidden, mask, weight, margin, temperature, keep=None):
+    """The reference code's ``entropys[entropys < E0].mean()`` over full logits, E0 = margin ln V."""
+    z = hidden[mask] @ weight.T / temperature
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    reliable = entropy < margin * torch.log(torch.tensor(float(weight.shape[0])))
+    if keep is not None:
+        reliable &= keep
+    return entropy[reliable].mean(), reliable
+
+
+@pytest.mark.parametrize("token_chunk", [3, None])
+def test_sar_loss_matches_the_reference_filter_and_gradient(token_chunk, monkeypatch):
+    """SAR: the mean entropy over the reliable tokens only (and over ``keep``), loss and gradient float64-exact;
+    unreliable tokens get no gradient at all."""
+    monkeypatch.setattr(objectives, "_CPU_BLOCK_BYTES", 2 * V * 8)  # several row blocks per chunk
+    hidden, weight, mask = _inputs(seed=21, dtype=torch.float64)
+    # rows of very different scale: confident tokens (low entropy) next to near-uniform ones (entropy ~ ln V)
+    scale = torch.linspace(0.02, 1.5, hidden.shape[1], dtype=torch.float64)[None, :, None]
+    hidden = (hidden * scale).requires_grad_(True)
+    margin, temperature = 0.9, 0.8
+    out = sar_loss(hidden, mask, weight, margin, temperature=temperature, token_chunk=token_chunk, vocab_chunk=17)
+    out.loss.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref, reliable = _sar_reference(hidden, mask, weight, margin, temperature)
+    ref.backward()
+    assert 0 < int(reliable.sum()) < int(mask.sum())  # the filter really leaves some tokens out
+    assert torch.equal(out.kept, reliable) and out.kept_share == pytest.approx(reliable.double().mean().item())
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12) and out.kept_loss == pytest.approx(ref.item())
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-10, atol=1e-12)
+    assert got[mask][~reliable].abs().max() == 0
+    # the monitors still see every token
+    assert out.entropy_target == pytest.approx(tent_loss(hidden.detach(), mask, weight, temperature).entropy_target)
+    # the second pass: only tokens reliable in both passes
+    keep = reliable.clone()
+    keep[torch.nonzero(keep)[0]] = False
+    hidden.grad = None
+    second = sar_loss(hidden, mask, weight, margin, keep=keep, temperature=temperature)
+    second.loss.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref2, both = _sar_reference(hidden, mask, weight, margin, temperature, keep)
+    ref2.backward()
+    assert torch.equal(second.kept, both) and second.loss.item() == pytest.approx(ref2.item(), rel=1e-12)
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_sar_loss_without_a_reliable_token_is_zero_and_keep_is_checked():
+    hidden, weight, mask = _inputs(seed=3)
+    hidden = (hidden * 1e-4).requires_grad_(True)  # near-uniform: every entropy ~ ln V
+    out = sar_loss(hidden, mask, weight, margin=0.5)
+    out.loss.backward()
+    assert out.kept_share == 0 and out.loss.item() == 0 and hidden.grad.abs().max() == 0
+    with pytest.raises(UserInputError, match="keep must have one entry per selected token"):
+        sar_loss(hidden, mask, weight, keep=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(UserInputError, match="sar_margin must be > 0"):
+        sar_loss(hidden, mask, weight, margin=0)
+    # num_items (several micro-batches): the mean over kept tokens, scaled by this batch's share of the tokens
+    h2 = hidden.detach() * 1e4
+    full = sar_loss(h2, mask, weight, margin=0.9)
+    scaled = sar_loss(h2, mask, weight, margin=0.9, num_items=2 * int(mask.sum()))
+    assert scaled.loss.item() == pytest.approx(full.loss.item() / 2)

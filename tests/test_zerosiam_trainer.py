@@ -123,12 +123,14 @@ def test_method_switch_and_identical_first_update_at_identity(tiny_model_dir, tm
     assert any(v.abs().sum() > 0 for k, v in runs["tent"].items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("method", ["zerosiam", "come"])
+@pytest.mark.parametrize("method", ["zerosiam", "come", "sar"])
 def test_labels_never_change_a_gradient(method, tiny_model_dir, tmp_path):
     """The same run with and without the gold-answer column ends in bit-identical adapter (and predictor)."""
     with_gold, without_gold = tmp_path / "gold", tmp_path / "nogold"
-    assert run(tiny_args(tiny_model_dir, with_gold, "--answer_field", "answer", "--method", method)) == 0
-    assert run(tiny_args(tiny_model_dir, without_gold, "--method", method)) == 0
+    # the random model's entropies sit near ln V: SAR's filter must keep some tokens for the run to train
+    extra = ["--method", method] + (["--sar_margin", SAR_MARGIN] if method == "sar" else [])
+    assert run(tiny_args(tiny_model_dir, with_gold, "--answer_field", "answer", *extra)) == 0
+    assert run(tiny_args(tiny_model_dir, without_gold, *extra)) == 0
     a, b = adapter_state(with_gold), adapter_state(without_gold)
     assert all(torch.equal(a[k], b[k]) for k in a)
     lora_b = next(v for k, v in a.items() if "lora_B" in k)
@@ -145,6 +147,82 @@ def test_labels_never_change_a_gradient(method, tiny_model_dir, tmp_path):
     assert [m["loss"] for m in gold_metrics] == [
         m["loss"] for m in read_jsonl(without_gold / "metrics.jsonl") if "loss" in m
     ]
+
+
+SAR_MARGIN = 0.985  # the tiny random model's token entropies sit near 0.985 ln V: the filter keeps part of them
+
+
+def _direct_trainer(model_dir, out, **overrides):
+    """A ZeroSiamTrainer built as the command line builds it, for tests that drive its hooks by hand."""
+    from zerosiam_llm.data import build_prompt_dataset, load_problems
+    from zerosiam_llm.modeling import load_model, load_tokenizer, make_lora_config
+    from zerosiam_llm.parser import build_config
+
+    config = build_config("smollm2-135m-cpu", {
+        "model": str(model_dir), "output_dir": str(out), "max_completion_length": 12, "max_steps": 1,
+        "answer_field": "null", **overrides})  # fmt: skip
+    tokenizer = load_tokenizer(str(model_dir))
+    problems = load_problems(config.dataset, question_field=config.question_field, limit=8, seed=0)
+    dataset, _ = build_prompt_dataset(problems, tokenizer, config.instruction)
+    lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    return ZeroSiamTrainer(load_model(str(model_dir)), args=config, train_dataset=dataset, processing_class=tokenizer,
+                           peft_config=lora)  # fmt: skip
+
+
+def test_sar_step_keeps_the_gradient_at_the_perturbed_weights(tiny_model_dir, tmp_path):
+    """SAR's training_step: pass 1 at w on the rollouts, w + rho g1/||g1||, pass 2 on the same rollouts over the
+    tokens reliable in both passes; the gradient left for the optimizer is pass 2's, the weights are back at w."""
+    trainer = _direct_trainer(tiny_model_dir, tmp_path, method="sar", sar_rho=0.5, sar_margin=SAR_MARGIN)
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by train(), which this test does not call
+    prepared = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer._prepare_rollouts = lambda batch: prepared  # the same rollouts for the step and the check
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    trainer.training_step(model, prepared, None)
+    step_grads = [p.grad.clone() for p in params]
+    for p, s in zip(params, start, strict=True):  # back at w (up to the round-off of w + e - e)
+        torch.testing.assert_close(p.detach(), s, rtol=0, atol=1e-6)
+
+    # by hand, through the same loss
+    model.zero_grad(set_to_none=True)
+    trainer._sam_pass = 1
+    trainer.compute_loss(model, prepared).backward()
+    kept = trainer._sam_kept
+    assert 0 < kept.float().mean() < 1  # the filter is active in this check
+    g1 = [p.grad.clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in g1]))
+    with torch.no_grad():
+        for p, g in zip(params, g1, strict=True):
+            p.add_(0.5 * g / norm)
+    model.zero_grad(set_to_none=True)
+    trainer._sam_pass = 2
+    trainer.compute_loss(model, prepared).backward()
+    trainer._sam_pass = 0
+    second = [p.grad for p in params]
+    for got, want in zip(step_grads, second, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(w, f) for w, f in zip(second, g1, strict=True))  # rho moved the gradient
+
+
+def test_sar_model_recovery_resets_the_adapter_and_logs_it(tiny_model_dir, tmp_path):
+    """A threshold above any loss fires at every step: the adapter is back at its start (LoRA B = 0), each reset is a
+    guard event, and the average's state is saved with the checkpoint."""
+    out = tmp_path / "sar"
+    sar = ["--method", "sar", "--sar_margin", SAR_MARGIN]
+    assert run(tiny_args(tiny_model_dir, out, *sar, "--sar_reset_below", 100)) == 0
+    events = read_jsonl(out / "guard_events.jsonl")
+    assert [(e["step"], e["action"], e["metric"]) for e in events] == [(1, "reset", "sar/loss_ema"),
+                                                                       (2, "reset", "sar/loss_ema")]  # fmt: skip
+    assert all(v.abs().sum() == 0 for k, v in adapter_state(out).items() if "lora_B" in k)
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+    assert [m["sar/resets"] for m in metrics] == [1.0, 2.0] and 0 < metrics[0]["sar/reliable_share"] <= 1
+    assert json.loads((out / "checkpoint-2" / "sar_recovery.json").read_text()) == {"ema": None, "resets": 2}
+    normal = tmp_path / "normal"  # the default threshold (0.2) does not fire on this model's entropies
+    assert run(tiny_args(tiny_model_dir, normal, *sar)) == 0
+    assert not (normal / "guard_events.jsonl").exists()
+    assert any(v.abs().sum() > 0 for k, v in adapter_state(normal).items() if "lora_B" in k)
 
 
 def _train_cmd(model_dir, out, max_steps):

@@ -5,6 +5,7 @@ step progress bar, and the collapse guard with its healthy checkpoints; and the 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ SAMPLES_FILE = "samples.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
 GUARD_EVENTS_FILE = "guard_events.jsonl"
 GUARD_STATE_FILE = "collapse_guard.json"
+RECOVERY_STATE_FILE = "sar_recovery.json"
 HEALTHY_DIR = "healthy"
 
 
@@ -210,6 +212,57 @@ class CollapseGuardCallback(TrainerCallback):
                 param.copy_(saved[name].to(param.device, param.dtype))
         logger.warning("collapse guard: restored weights from %s", source)
         return source
+
+
+class ModelRecoveryCallback(TrainerCallback):
+    """SAR's model recovery (``sar.py``): after each update, the moving average of the second-pass loss (the mean over
+    processes) is updated; when it falls below ``sar_reset_below`` the trainable weights go back to the run's (or the
+    stream's) start and the optimizer's moments are cleared. Each reset is a ``reset`` line in ``guard_events.jsonl``
+    and counts in ``sar/resets``; the average is saved with each checkpoint, so a resumed run continues it."""
+
+    def __init__(self, trainer: ZeroSiamTrainer) -> None:
+        from zerosiam_llm.sar import RecoveryAverage
+
+        self.trainer = trainer
+        self.average = RecoveryAverage(trainer.args.sar_ema_decay, trainer.args.sar_reset_below)
+
+    def reset(self) -> None:
+        self.average.reset()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        loss, trainer.sar_last_loss = trainer.sar_last_loss, None
+        if trainer.accelerator.num_processes > 1:  # one decision for every process: the mean of the finite losses
+            local = [loss, 1.0] if loss is not None and math.isfinite(loss) else [0.0, 0.0]
+            total = trainer.accelerator.reduce(torch.tensor(local, device=trainer.accelerator.device), "sum")
+            loss = float(total[0] / total[1]) if total[1] > 0 else None
+        fired = self.average.update(loss)
+        metrics = trainer._metrics["train"]
+        metrics["sar/loss_ema"].append(self.average.ema if self.average.ema is not None else float("nan"))
+        metrics["sar/resets"].append(float(self.average.resets))
+        if not fired:
+            return
+        with torch.no_grad():
+            for name, param in trainer.model.named_parameters():
+                if name in trainer._initial_trainable:
+                    param.copy_(trainer._initial_trainable[name])
+        trainer.optimizer.state.clear()
+        message = (
+            f"SAR model recovery at step {state.global_step}: the loss average fell below {self.average.reset_below} "
+            f"(last loss {loss:.4g}); the adapter is back at its start and the optimizer state cleared"
+        )
+        logger.warning(message)
+        if state.is_world_process_zero and args.output_dir:
+            event = {"step": state.global_step, "metric": "sar/loss_ema", "condition": f"< {self.average.reset_below}",
+                     "value": loss, "action": "reset", "lr_factor": None, "message": message}  # fmt: skip
+            append_jsonl(Path(args.output_dir) / GUARD_EVENTS_FILE, [event])
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            atomic_write_json(folder / RECOVERY_STATE_FILE, self.average.state_dict())
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:

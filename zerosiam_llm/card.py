@@ -43,6 +43,16 @@ PAPERS = {
             "  booktitle={ICLR},\n  year={2025}\n}"
         ),
     },
+    "sar": {
+        "name": "SAR",
+        "title": "Towards Stable Test-Time Adaptation in Dynamic Wild World",
+        "id": "2302.12400",
+        "citation": (
+            "@inproceedings{niu2023sar,\n  title={Towards Stable Test-Time Adaptation in Dynamic Wild World},\n"
+            "  author={Niu, Shuaicheng and Wu, Jiaxiang and Zhang, Yifan and Wen, Zhiquan and Chen, Yaofo and Zhao, "
+            "Peilin and Tan, Mingkui},\n  booktitle={ICLR},\n  year={2023}\n}"
+        ),
+    },
     "tent": {
         "name": "Tent",
         "title": "Tent: Fully Test-time Adaptation by Entropy Minimization",
@@ -99,7 +109,11 @@ def _use_section(args) -> str:
 
 
 def _training_section(args, metrics: list[dict]) -> str:
-    method = {"zerosiam": "ZeroSiam", "come": "COME (entropy of a Dirichlet opinion)"}.get(
+    method = {
+        "zerosiam": "ZeroSiam",
+        "come": "COME (entropy of a Dirichlet opinion)",
+        "sar": "SAR (reliable, sharpness-aware entropy minimisation)",
+    }.get(
         args.method, "Tent (entropy minimisation)"
     )
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum: print "linear"
@@ -109,6 +123,9 @@ def _training_section(args, metrics: list[dict]) -> str:
         "solutions.",
         "come": ", taken over a Dirichlet opinion with an uncertainty mass (COME), with the logit norm held fixed in "
         "the backward pass.",
+        "sar": f" over the reliable tokens only (entropy below {args.sar_margin} ln V), minimised sharpness-aware "
+        f"(SAM, rho = {args.sar_rho}), with the adapter reset when the loss average falls below "
+        f"{args.sar_reset_below} (SAR).",
     }.get(args.method, ".")
     lines = [
         f"Adapted at test time with **{method}** on unlabeled prompts from `{args.dataset}`. **Trained without "

@@ -7,7 +7,8 @@ LM-head weight, ``h`` the final hidden state (the LM head's input) and ``P`` the
     z_o = W P(h)  / T          online branch
     l_t = H(p_o) + alpha * [KL(p_r || p_o) + KL(p_o || p_r)]
 
-Tent (EM-FT) is the same loss with ``alpha = 0`` and no predictor (``z_o = z_r`` up to the stop-gradient).
+Tent (EM-FT) is the same loss with ``alpha = 0`` and no predictor (``z_o = z_r`` up to the stop-gradient). SAR's loss
+is Tent over the reliable tokens only (``H(p) < E0``); COME replaces the softmax entropy by a Dirichlet opinion's.
 
 ``[tokens, vocab]`` logits are never built for more than one token chunk at a time: per chunk, both branches are
 projected over the whole vocabulary into two reused tiles (one for Tent), the statistics are reduced and the gradient
@@ -45,6 +46,9 @@ class ObjectiveOutput:
     logit_norm_max: float
     top1_prob_mean: float  # mean max_c p_r(c)
     top1_above_099: float  # share of tokens whose top-1 target probability exceeds 0.99
+    kept_share: float = 1.0  # share of tokens in the loss (< 1 only under SAR's reliable-entropy filter)
+    kept: torch.Tensor | None = None  # [N] bool, the tokens in the loss (SAR's second pass keeps only these)
+    kept_loss: float = math.nan  # the summed loss / the kept tokens, before any num_items rescaling (SAR's recovery)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """The statistics as a flat dict, e.g. for ``Trainer.log``."""
@@ -62,7 +66,7 @@ class ObjectiveOutput:
 
 
 class Stat(enum.IntEnum):
-    """The rows of the ``[7, N]`` per-token statistics the fused pass returns (detached, one column per token)."""
+    """The rows of the ``[8, N]`` per-token statistics the fused pass returns (detached, one column per token)."""
 
     ENTROPY_ONLINE = 0  # H(p_o)
     KL_TARGET_ONLINE = 1  # KL(p_r || p_o)
@@ -71,6 +75,7 @@ class Stat(enum.IntEnum):
     LOGIT_SQUARED_NORM = 4  # ||W h||^2 of the raw (untempered) target logits
     TOP1_PROB = 5  # max p_r
     LOGSUMEXP_TARGET = 6  # logsumexp of the tempered target logits (NLL = lse - z_token)
+    KEPT = 7  # 1 where the token is in the loss, 0 where a filter (SAR's reliable entropy) left it out
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -107,8 +112,14 @@ def _check_loss_args(weight: torch.Tensor, temperature: float, token_chunk: int 
         raise UserInputError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk} and {vocab_chunk}")
 
 
-def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad):
+def _fused_pass(
+    h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad, entropy_below=None,
+    keep=None,
+):
     """``sum_t w_h H(p_o) + w_ro KL(p_r||p_o) + w_or KL(p_o||p_r)``, its statistics and gradient w.r.t. ``h_online``.
+
+    With ``entropy_below`` (SAR), only tokens with ``H(p_o) < entropy_below`` (and ``keep``, when given) are summed and
+    receive a gradient; the statistics still cover every token.
 
     One pass per token chunk: project both branches over the whole vocabulary into two reused ``[chunk, V]`` tiles
     (one for Tent), reduce the statistics and, when a gradient is wanted, overwrite the online tile with ``dl/dz_o``
@@ -130,6 +141,8 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
     scratch_o = torch.empty(block, vocab, dtype=dtype, device=device)
     scratch_r = torch.empty(block, vocab, dtype=dtype, device=device) if siamese else None
     stats = torch.empty(len(Stat), n, dtype=dtype, device=device)
+    stats[Stat.KEPT] = 1.0 if keep is None else keep.to(dtype)
+    filtered = entropy_below is not None or keep is not None
     grad = torch.empty(n, h_online.shape[1], dtype=dtype, device=device) if want_grad else None
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
@@ -166,6 +179,8 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
             stats[Stat.LOGIT_SQUARED_NORM, rs] = _rowdot(b, b) * temperature**2  # raw logits W h = T z_r
             stats[Stat.TOP1_PROB, rs] = s_r.reciprocal()  # max p_r = exp(m_r - lse_r)
             stats[Stat.LOGSUMEXP_TARGET, rs] = lse_r
+            if entropy_below is not None:
+                stats[Stat.KEPT, rs] *= h_o < entropy_below
             if want_grad:
                 # dl/dz_o = p_o [(w_or - w_h) log p_o - w_or log p_r + c] - w_ro p_r,
                 # c = w_ro - w_h H_o - w_or KL(o||r)   (dH/dz = -p (log p + H);
@@ -183,15 +198,18 @@ def _fused_pass(h_online, h_target, weight, weights, temperature, token_chunk, v
                 a.add_(k[:, None]).mul_(e_o).mul_(s_o.reciprocal()[:, None])
                 if w_ro:
                     a.addcmul_(e_r, (-w_ro / s_r)[:, None])
+                if filtered:
+                    a[stats[Stat.KEPT, rs] == 0] = 0.0  # a left-out token gives no gradient
         if want_grad:
             _back_project(z_o, weight, grad[sl], vocab_chunk)
     if want_grad:
         grad.mul_(inv_t)
-    total = (w_h * stats[Stat.ENTROPY_ONLINE]).sum()
+    kept = stats[Stat.KEPT] if filtered else 1.0
+    total = (w_h * stats[Stat.ENTROPY_ONLINE] * kept).sum()
     if w_ro:
-        total = total + w_ro * stats[Stat.KL_TARGET_ONLINE].sum()
+        total = total + w_ro * (stats[Stat.KL_TARGET_ONLINE] * kept).sum()
     if w_or:
-        total = total + w_or * stats[Stat.KL_ONLINE_TARGET].sum()
+        total = total + w_or * (stats[Stat.KL_ONLINE_TARGET] * kept).sum()
     return total, stats, grad
 
 
@@ -269,14 +287,17 @@ def siamese_entropy(
     token_chunk: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
+    entropy_below: float | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted sum over rows ``[N, d]`` of ``(H(p_o), KL(p_r||p_o), KL(p_o||p_r))``, and per-token statistics.
 
-    Returns ``(total, stats)``: ``total`` is differentiable w.r.t. ``h_online``; ``stats`` is ``[7, N]`` and detached,
+    Returns ``(total, stats)``: ``total`` is differentiable w.r.t. ``h_online``; ``stats`` is ``[8, N]`` and detached,
     its rows named by :class:`Stat`: H(p_o), KL(r||o), KL(o||r), H(p_r), squared L2 norm of the raw target logits
-    ``W h``, the target branch's top-1 probability and the logsumexp of its (tempered) logits. ``h_target`` is
-    detached: the target branch never receives a gradient. ``h_target=None`` is Tent: one branch, both divergences 0,
-    H(p_r) = H(p_o).
+    ``W h``, the target branch's top-1 probability, the logsumexp of its (tempered) logits, and whether the token is in
+    the sum. ``h_target`` is detached: the target branch never receives a gradient. ``h_target=None`` is Tent: one
+    branch, both divergences 0, H(p_r) = H(p_o). ``entropy_below`` / ``keep`` ([N] bool) leave tokens out of the sum
+    (SAR's filter): those with ``H(p_o) >= entropy_below`` or ``keep`` False.
     ``token_chunk`` is the most tokens per chunk (the chunks are made equal); ``None``: as many as fit one fp32
     ``[chunk, V]`` tile in 128 MiB.
     """
@@ -285,8 +306,13 @@ def siamese_entropy(
     want_grad = torch.is_grad_enabled() and h_online.requires_grad
     weights = tuple(float(w) for w in weights)
 
+    margin = None if entropy_below is None else float(entropy_below)
+    keep = None if keep is None else keep.to(h_online.device).bool()
+
     def run():
-        return _fused_pass(h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad)
+        return _fused_pass(
+            h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad, margin, keep
+        )
 
     return _GradientInForward.apply(h_online, run, gather)
 
@@ -341,10 +367,23 @@ def _selected_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[mask]  # compact first: prompt and padding rows never reach the head
 
 
-def _objective_output(total: torch.Tensor, stats: torch.Tensor, num_items) -> ObjectiveOutput:
-    """The mean loss over the selected tokens (or ``num_items``) and the monitors' statistics."""
+def _objective_output(
+    total: torch.Tensor, stats: torch.Tensor, num_items, mean_over_kept: bool = False
+) -> ObjectiveOutput:
+    """The mean loss over the selected tokens (or ``num_items``) and the monitors' statistics.
+
+    ``mean_over_kept`` (SAR): the mean over the tokens in the loss, as the reference's ``entropys[filter].mean()``;
+    with ``num_items`` (several micro-batches or processes) it is rescaled by this batch's share of the tokens.
+    """
     n = stats.shape[1]
-    loss = total / (n if num_items is None else num_items)
+    kept = stats[Stat.KEPT] > 0
+    n_kept = int(kept.sum())
+    if not mean_over_kept:
+        loss = total / (n if num_items is None else num_items)
+    elif n_kept == 0:
+        loss = total * 0.0  # nothing reliable: no update, the graph is still touched (DDP)
+    else:
+        loss = total / n_kept * (1.0 if num_items is None else n / num_items)
     with torch.no_grad():
         means = stats.mean(-1).tolist()
         norms = stats[Stat.LOGIT_SQUARED_NORM].clamp_min(0).sqrt()
@@ -360,6 +399,9 @@ def _objective_output(total: torch.Tensor, stats: torch.Tensor, num_items) -> Ob
             logit_norm_max=norms.max().item(),
             top1_prob_mean=top1.mean().item(),
             top1_above_099=(top1 > 0.99).to(torch.float32).mean().item(),
+            kept_share=n_kept / n,
+            kept=kept,
+            kept_loss=total.item() / n_kept if n_kept else math.nan,
         )
 
 
@@ -374,6 +416,35 @@ def tent_loss(
 ) -> ObjectiveOutput:
     """Tent / EM-FT: mean token entropy of the model's own distribution (ZeroSiam with alpha=0, no predictor)."""
     return zerosiam_loss(hidden, mask, lm_head_weight, None, 0.0, temperature, num_items, vocab_chunk, token_chunk)
+
+
+def sar_loss(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    margin: float = 0.4,
+    keep: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    num_items: float | torch.Tensor | None = None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
+) -> ObjectiveOutput:
+    """SAR's reliable entropy (Niu et al., ICLR 2023): the mean token entropy over the tokens with ``H(p) < E0``,
+    ``E0 = margin * ln V`` (0.4 ln 1000 in the reference, with V classes), and ``keep`` when given (the second, SAM
+    pass keeps only the tokens reliable in the first). ``out.kept`` says which tokens were in the loss. Sharpness-aware
+    minimisation and model recovery are steps of the trainer (``sar.py``), not of the loss.
+    """
+    if not margin > 0:
+        raise UserInputError(f"sar_margin must be > 0, got {margin}")
+    h = _selected_rows(hidden, mask)
+    if keep is not None and keep.shape != (h.shape[0],):
+        raise UserInputError(f"keep must have one entry per selected token ({h.shape[0]}), got {tuple(keep.shape)}")
+    entropy_below = margin * math.log(lm_head_weight.shape[0])
+    total, stats = siamese_entropy(
+        h, None, lm_head_weight, (1.0, 0.0, 0.0), temperature, token_chunk, vocab_chunk, gather, entropy_below, keep
+    )
+    return _objective_output(total, stats, num_items, mean_over_kept=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -395,6 +466,7 @@ def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, wa
     block = max(1, min(rows, _block_bytes(device) // (vocab * dtype.itemsize)))
     scratch = torch.empty(block, vocab, dtype=dtype, device=device)
     stats = torch.zeros(len(Stat), n, dtype=dtype, device=device)  # the softmax statistics, for the monitors
+    stats[Stat.KEPT] = 1.0
     opinion = torch.empty(n, dtype=dtype, device=device)
     grad = torch.empty(n, h.shape[1], dtype=dtype, device=device) if want_grad else None
     for start in range(0, n, rows):

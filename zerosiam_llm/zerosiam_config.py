@@ -20,7 +20,7 @@ from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
 
-METHODS = ("zerosiam", "tent", "come", "none")
+METHODS = ("zerosiam", "tent", "come", "sar", "none")
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "model")
@@ -75,8 +75,9 @@ class ZeroSiamConfig(DistillationConfig):
         default="zerosiam",
         metadata={
             "help": "zerosiam (predictor + stop-gradient alignment), tent (plain entropy minimisation), come (the "
-            "entropy of a Dirichlet opinion, K = vocabulary size; Zhang et al., ICLR 2025), or none (online protocol "
-            "only: predictions without adaptation)."
+            "entropy of a Dirichlet opinion, K = vocabulary size; Zhang et al., ICLR 2025), sar (reliable tokens, "
+            "sharpness-aware, model recovery; Niu et al., ICLR 2023), or none (online protocol only: predictions "
+            "without adaptation)."
         },
     )
     protocol: str = field(
@@ -105,6 +106,29 @@ class ZeroSiamConfig(DistillationConfig):
     )
     predictor_weight_decay: float = field(
         default=0.0, metadata={"help": "Weight decay of the predictor's delta (pulls P towards I, not towards 0)."}
+    )
+    sar_margin: float = field(
+        default=0.4,
+        metadata={
+            "help": "SAR's reliable-entropy filter: tokens whose entropy is at least sar_margin x ln V (V = vocabulary"
+            " size) are left out of the loss (reference: 0.4)."
+        },
+    )
+    sar_rho: float = field(
+        default=0.05,
+        metadata={
+            "help": "SAR's sharpness-aware radius: a second pass at w + rho g/||g|| (reference: 0.05); 0 = one pass."
+        },
+    )
+    sar_reset_below: float = field(
+        default=0.2,
+        metadata={
+            "help": "SAR's model recovery: reset the adapter to its start when the moving average of the loss falls "
+            "below this (reference: 0.2); 0 disables."
+        },
+    )
+    sar_ema_decay: float = field(
+        default=0.9, metadata={"help": "Decay of the loss moving average SAR's model recovery reads (reference: 0.9)."}
     )
     predictor_max_grad_norm: float = field(
         default=1.0,
@@ -273,7 +297,7 @@ class ZeroSiamConfig(DistillationConfig):
             self.bf16 = _cuda_bf16()
         if self.protocol == "online":
             self._setup_online()
-        if self.method in ("tent", "come", "none"):
+        if self.method in ("tent", "come", "sar", "none"):
             self.alpha = 0.0
         if self.temperature == 0:
             # greedy decoding (a generation setting; the loss has its own loss_temperature): HF generate takes
@@ -365,14 +389,14 @@ class ZeroSiamConfig(DistillationConfig):
                 raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {allowed_text}")
         positive = ["loss_temperature", "vocab_chunk_size", "lora_r", "monitor_every"]
         positive += ["num_rollouts", "per_device_train_batch_size", "predictor_rank", "predictor_lr_ratio"]
-        positive += ["steps_per_batch"]
+        positive += ["steps_per_batch", "sar_margin"]
         if self.token_chunk_size is not None:
             positive.append("token_chunk_size")
         for name in positive:
             if getattr(self, name) is None or getattr(self, name) <= 0:
                 raise UserInputError(f"{name} must be > 0, got {getattr(self, name)}")
         non_negative = ["alpha", "learning_rate", "predictor_weight_decay", "predictor_max_grad_norm", "momentum"]
-        non_negative += ["weight_decay", "max_grad_norm", "lora_dropout", "temperature"]
+        non_negative += ["weight_decay", "max_grad_norm", "lora_dropout", "temperature", "sar_rho", "sar_reset_below"]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -390,6 +414,8 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError(f"max_prompt_length must be > 0 or null, got {self.max_prompt_length}")
         if self.num_problems is not None and self.num_problems <= 0:
             raise UserInputError(f"num_problems must be > 0 or null, got {self.num_problems}")
+        if not 0 <= self.sar_ema_decay < 1:
+            raise UserInputError(f"sar_ema_decay must be in [0, 1), got {self.sar_ema_decay}")
         if not self.lora_dropout < 1:
             raise UserInputError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         from zerosiam_llm.monitoring import parse_guard_rules

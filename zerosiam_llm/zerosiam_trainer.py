@@ -3,7 +3,8 @@
 TRL does the rollouts (HF ``generate``, vLLM colocate or server, LoRA-merged weight sync), batching, DDP / FSDP /
 DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what ZeroSiam needs:
 
-- ``_compute_loss``: backbone hidden states -> chunked ZeroSiam / Tent objective (``objectives.py``);
+- ``_compute_loss``: backbone hidden states -> chunked ZeroSiam / Tent / COME / SAR objective (``objectives.py``);
+- ``training_step``: SAR's sharpness-aware second pass (``sar.py``), and no update for ``method: none``;
 - ``create_optimizer``: LoRA and predictor parameter groups, each AdamW or SGD-momentum, predictor lr of its own;
 - ``_clip_grad_norm`` / ``_get_grad_norm``: per-group clipping and per-group grad-norm logs;
 - ``_save`` / ``_load_from_checkpoint``: the predictor sidecar next to the normal peft adapter;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,10 @@ from zerosiam_llm.callbacks import (
     GUARD_STATE_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
+    RECOVERY_STATE_FILE,
     SAMPLES_FILE,
     CollapseGuardCallback,
+    ModelRecoveryCallback,
     RunRecordCallback,
     StepProgressCallback,
     last_complete_checkpoint,
@@ -50,10 +54,11 @@ from zerosiam_llm.modeling import (
     lm_head_weight,
 )
 from zerosiam_llm.monitoring import base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
-from zerosiam_llm.objectives import come_loss, zerosiam_loss
+from zerosiam_llm.objectives import come_loss, sar_loss, zerosiam_loss
 from zerosiam_llm.optimizers import AdamWWithSGDGroups
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
+from zerosiam_llm.sar import sam_ascend, sam_return
 from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 logger = logging.getLogger(__name__)
@@ -94,6 +99,7 @@ class ZeroSiamTrainer(DistillationTrainer):
             peft_config=peft_config,
         )
         check_group_clipping(args, sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        _check_sam_supported(args, self.is_deepspeed_enabled or self.is_fsdp_enabled, self.accelerator.num_processes)
         # made before the predictor is attached: the copy generates, it never holds P
         self._rollout_copy = self._make_rollout_copy()
         self.predictor: Predictor | None = None
@@ -122,6 +128,14 @@ class ZeroSiamTrainer(DistillationTrainer):
         self.guard_callback = CollapseGuardCallback(self, rules) if rules else None
         if self.guard_callback is not None:
             self.add_callback(self.guard_callback)
+        # SAR: which pass of the sharpness-aware step runs (0: none, 1: at w, 2: at w + e), its rollouts and the
+        # tokens the first pass kept; the last loss feeds the model recovery
+        self._sam_pass, self._sam_inputs, self._sam_kept = 0, None, None
+        self.sar_last_loss: float | None = None
+        self.recovery_callback = None
+        if args.method == "sar" and args.sar_reset_below > 0:
+            self.recovery_callback = ModelRecoveryCallback(self)
+            self.add_callback(self.recovery_callback)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """HF ``train``, except that resuming a checkpoint already at the planned step count trains nothing.
@@ -207,6 +221,14 @@ class ZeroSiamTrainer(DistillationTrainer):
             self.model_wrapped = wrapped
 
     def _prepare_inputs(self, generation_batch):
+        if self._sam_pass == 2:  # SAR's second pass: the first pass's rollouts, at the perturbed weights
+            return self._sam_inputs
+        inputs = self._prepare_rollouts(generation_batch)
+        if self._sam_pass == 1:
+            self._sam_inputs = inputs
+        return inputs
+
+    def _prepare_rollouts(self, generation_batch):
         online_repeats = self.args.protocol == "online" and self.args.steps_per_batch > 1 and self.model.training
         if not online_repeats:
             return super()._prepare_inputs(generation_batch)
@@ -220,7 +242,45 @@ class ZeroSiamTrainer(DistillationTrainer):
             self._prepare_inputs(inputs)
             self._step += 1
             return torch.zeros((), device=self.accelerator.device)
+        if self.args.method == "sar" and self.args.sar_rho > 0:
+            return self._sharpness_aware_step(model, inputs, num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _sharpness_aware_step(self, model, inputs, num_items_in_batch):
+        """SAR's SAM: the gradient at ``w`` sets the ascent ``e = rho g / ||g||``; the gradient kept for the update is
+        the one at ``w + e``, on the same rollouts and over the tokens reliable in both passes. Returns the first
+        pass's loss (the objective at the current weights)."""
+        from transformers import Trainer
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        held = [p.grad for p in params]  # earlier micro-batches' gradients stay out of this one's ascent
+        for p in params:
+            p.grad = None
+        try:
+            self._sam_pass = 1
+            loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts, loss and gradient at w
+            steps = sam_ascend(params, self.args.sar_rho)
+            if steps is not None:  # a zero gradient (no reliable token) or a non-finite one: no second pass
+                started = time.perf_counter()
+                self._sam_pass = 2
+                for p in params:
+                    p.grad = None
+                try:
+                    Trainer.training_step(self, model, inputs, num_items_in_batch)
+                finally:
+                    sam_return(params, steps)
+                self._metrics["train"]["entropy"].pop()  # the perturbed model's, logged by compute_loss
+                elapsed = time.perf_counter() - started
+                if self._step % self.current_gradient_accumulation_steps == 0:  # TRL logged this step's time
+                    self._metrics["train"]["step_time"][-1] += elapsed
+                else:
+                    self._current_train_step_time += elapsed
+        finally:
+            self._sam_pass, self._sam_inputs = 0, None
+            for p, grad in zip(params, held, strict=True):
+                if grad is not None:
+                    p.grad = grad if p.grad is None else p.grad.add_(grad)
+        return loss
 
     def reset_stream(self, train_dataset, output_dir: str) -> None:
         """Start a new online stream from the base model: fresh adapter, P = I, fresh optimizer and state."""
@@ -237,6 +297,8 @@ class ZeroSiamTrainer(DistillationTrainer):
         self._recorded_ids = None
         if self.guard_callback is not None:
             self.guard_callback.reset()
+        if self.recovery_callback is not None:
+            self.recovery_callback.reset()
         if self.use_vllm:
             self._last_loaded_step = -1  # push the reset weights to vLLM before the first prediction
 
@@ -410,11 +472,22 @@ class ZeroSiamTrainer(DistillationTrainer):
             "token_chunk": self.args.token_chunk_size,
             "gather": lambda: maybe_gather_lm_head_ctx(head.weight),
         }
+        mode = "train" if self.model.training else "eval"
         if self.args.method == "come":
             out = come_loss(hidden, loss_mask, weight, **common)
+        elif self.args.method == "sar":
+            keep = self._sam_kept if self._sam_pass == 2 else None
+            out = sar_loss(hidden, loss_mask, weight, self.args.sar_margin, keep, **common)
+            if self._sam_pass == 1:
+                self._sam_kept = out.kept
+            elif mode == "train":  # the loss the update is taken on: SAR's recovery average follows it
+                self.sar_last_loss = out.kept_loss
+            if self._sam_pass == 2:  # the perturbed model's statistics are not the run's
+                n = torch.tensor(float(out.num_tokens), device=hidden.device)
+                return out.loss, torch.zeros((), device=hidden.device), n
+            self._metrics[mode]["sar/reliable_share"].append(out.kept_share)
         else:
             out = zerosiam_loss(hidden, loss_mask, weight, predictor, alpha=self.args.alpha, **common)
-        mode = "train" if self.model.training else "eval"
         for name, value in out.metrics("zerosiam/").items():
             self._metrics[mode][name].append(value)
         self._metrics[mode]["zerosiam/predictor_deviation"].append(predictor.deviation() if predictor else 0.0)
@@ -527,6 +600,9 @@ class ZeroSiamTrainer(DistillationTrainer):
         guard_state = Path(resume_from_checkpoint) / GUARD_STATE_FILE
         if self.guard_callback is not None and guard_state.is_file():
             self.guard_callback.guard.load_state_dict(json.loads(guard_state.read_text(encoding="utf-8")))
+        recovery_state = Path(resume_from_checkpoint) / RECOVERY_STATE_FILE
+        if self.recovery_callback is not None and recovery_state.is_file():
+            self.recovery_callback.average.load_state_dict(json.loads(recovery_state.read_text(encoding="utf-8")))
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
         """TRL's card (front matter, the method's paper, versions, citations) completed with the adapter's use, the
@@ -573,6 +649,22 @@ def check_group_clipping(args: ZeroSiamConfig, sharded: bool) -> None:
             "predictor_max_grad_norm clips the predictor's gradients apart from LoRA's, which DeepSpeed and FSDP "
             "cannot do (they clip all gradients together with max_grad_norm); train with DDP "
             "(recipes/accelerate/ddp.yaml), or set predictor_max_grad_norm: 0 to accept one global clip"
+        )
+
+
+def _check_sam_supported(args: ZeroSiamConfig, sharded: bool, num_processes: int) -> None:
+    """SAR's two passes move each process's parameters by their full gradient, between two backward passes."""
+    if args.method != "sar" or args.sar_rho == 0:
+        return
+    if sharded:
+        raise UserInputError(
+            "method: sar with sar_rho > 0 needs unsharded parameters and gradients (one process or DDP); DeepSpeed "
+            "and FSDP keep them in the engine. Use recipes/accelerate/ddp.yaml, or sar_rho: 0 (one pass)"
+        )
+    if num_processes > 1 and args.gradient_accumulation_steps > 1:
+        raise UserInputError(
+            "method: sar with sar_rho > 0 under several processes needs gradient_accumulation_steps: 1 (each "
+            "micro-batch's two passes would be synchronised out of step); raise per_device_train_batch_size instead"
         )
 
 
