@@ -104,6 +104,46 @@ def test_every_problem_is_scored_last_batch_included(k, steps, tiny_model_dir, t
     assert json.loads((out / "arithmetic" / "stream_summary.json").read_text())["problems"] == 10
 
 
+def test_two_processes_score_every_problem_once_like_one(tiny_model_dir, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): each stream batch of 3 is split 2 + 2 (one problem repeated as
+    padding, the last batch of 1 too), every problem is recorded exactly once, at the same step and with the same
+    prompt and answer as the one-process run at lr 0."""
+    common = ["--num_problems", 10, "--stream_batch_size", 3, "--learning_rate", 0, "--answer_field", "answer",
+              "--disable_tqdm", "true"]  # fmt: skip
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert run(online_args(tiny_model_dir, single, *common)) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", "0", str(REPO / "train.py")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launch, *online_args(tiny_model_dir, double, *common, "--use_cpu", "true")], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("predictions: ") == 1  # only the main process reports
+
+    def record(out):
+        return [(p["id"], p["step"], p["prompt"], p["completion"], p["correct"]) for p in predictions(out)]
+
+    assert len(record(double)) == 10 and len({r[0] for r in record(double)}) == 10
+    assert record(double) == record(single)
+    assert [r[1] for r in record(double)] == [1] * 3 + [2] * 3 + [3] * 3 + [4]
+    one, two = (json.loads((out / "arithmetic" / "stream_summary.json").read_text()) for out in (single, double))
+    assert (two["problems"], two["graded"], two["accuracy"]) == (one["problems"], one["graded"], one["accuracy"])
+    assert [m["step"] for m in read_jsonl(double / "arithmetic" / "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_stream_batches_split_across_processes():
+    from zerosiam_llm.zerosiam_trainer import StreamBatchSampler
+
+    def batches(process, processes, k=1, repeats=1):
+        return list(StreamBatchSampler(7, 4, k, repeats, process, processes))
+
+    assert batches(0, 1) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert batches(0, 2) == [[0, 1], [4, 5]] and batches(1, 2) == [[2, 3], [6, 4]]  # 3 problems: 4 is repeated
+    assert batches(2, 3) == [[0, 1], [6]]  # 4 problems over 3 processes: 2 each (0, 1 repeated); then 3: 1 each
+    assert batches(1, 2, k=2, repeats=2) == [[2, 2, 3, 3]] * 2 + [[6, 6, 4, 4]] * 2
+    assert len(StreamBatchSampler(7, 4, 1, 2, 0, 2)) == 4
+
+
 def test_killed_stream_resumes_at_first_unscored_batch(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -216,27 +216,21 @@ def report_prompt_counts(counts: dict, max_prompt: int | None, policy: str) -> N
 
 def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str = "the data set") -> None:
     """Refuse a data set that yields no full generation batch (TRL's RepeatSampler drops a last partial batch, so it
-    would train nothing); say how many prompts a partial last batch leaves out. An online stream in one process keeps
-    its last, shorter batch (``zerosiam_trainer.StreamBatchSampler``): every problem is scored."""
-    if config.protocol == "online" and num_processes == 1:
+    would train nothing); say how many prompts a partial last batch leaves out. An online stream keeps its last,
+    shorter batch (``zerosiam_trainer.StreamBatchSampler``): every problem is scored."""
+    if config.protocol == "online":
         left = num_prompts % config.stream_batch_size
         if left:
             print(f"note: {what}: {num_prompts} problems in batches of {config.stream_batch_size}; the last batch "
                   f"has {left} (answered, scored and trained on like the others)")  # fmt: skip
         return
-    if config.protocol == "online":
-        per_batch, how = config.stream_batch_size * num_processes, f"stream_batch_size {config.stream_batch_size}"
-    else:
-        per_batch = (
-            config.per_device_train_batch_size
-            * config.gradient_accumulation_steps
-            * num_processes
-            // config.num_rollouts
-        )
-        how = (
-            f"per_device_train_batch_size {config.per_device_train_batch_size} x gradient_accumulation_steps "
-            f"{config.gradient_accumulation_steps} / num_rollouts {config.num_rollouts}"
-        )
+    per_batch = (
+        config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes // config.num_rollouts
+    )
+    how = (
+        f"per_device_train_batch_size {config.per_device_train_batch_size} x gradient_accumulation_steps "
+        f"{config.gradient_accumulation_steps} / num_rollouts {config.num_rollouts}"
+    )
     if num_processes > 1:
         how += f" x {num_processes} processes"
     if num_prompts < per_batch:
@@ -246,5 +240,5 @@ def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str
         )
     left = num_prompts % per_batch
     if left:
-        print(f"note: {num_prompts} prompts in batches of {per_batch}: a last partial batch of {left} is dropped "
-              f"{'(not scored)' if config.protocol == 'online' else 'each epoch (TRL RepeatSampler)'}")  # fmt: skip
+        print(f"note: {num_prompts} prompts in batches of {per_batch}: a last partial batch of {left} is dropped each "
+              "epoch (TRL RepeatSampler)")  # fmt: skip

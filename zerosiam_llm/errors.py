@@ -7,6 +7,7 @@ Entry points catch :class:`UserInputError`, print ``error: <message>`` on stderr
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,9 @@ def run_cli(main: Callable[[list[str]], int], argv: list[str] | None) -> int:
     if not debug:
         warnings.filterwarnings("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
+    if int(os.environ.get("RANK", "0")) > 0:  # under a launcher the main process reports; the others only fail
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        logging.getLogger("zerosiam_llm").setLevel(logging.ERROR)
     try:
         return main([a for a in argv if a != "--debug"])
     except SystemExit as exit_:  # argparse's --help

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +171,10 @@ class ZeroSiamConfig(DistillationConfig):
     # ---- online protocol ----
     stream_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Online: problems per stream batch (one prediction each, then the update). None = 8."},
+        metadata={
+            "help": "Online: problems per stream batch (one prediction each, then the update), split across "
+            "processes. None = 8."
+        },
     )
     steps_per_batch: int = field(default=1, metadata={"help": "Online: optimisation steps per stream batch."})
     stream_seed: int | None = field(
@@ -331,8 +335,10 @@ class ZeroSiamConfig(DistillationConfig):
             )
         if self.stream_batch_size is None:
             self.stream_batch_size = 8
-        # one generation batch = one stream batch, k answers per problem, in the stream's fixed order
-        self.per_device_train_batch_size = self.stream_batch_size * self.num_rollouts
+        # one generation batch = one stream batch, k answers per problem, in the stream's fixed order, split across
+        # the processes a launcher started (WORLD_SIZE): each answers ceil(stream_batch_size / processes) problems
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        self.per_device_train_batch_size = math.ceil(self.stream_batch_size / processes) * self.num_rollouts
         self.shuffle_dataset = False
         self.num_train_epochs = 1
         for name in ("benchmarks", "compare_methods"):

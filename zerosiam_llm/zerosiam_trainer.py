@@ -9,7 +9,8 @@ DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what Z
 - ``_clip_grad_norm`` / ``_get_grad_norm``: per-group clipping and per-group grad-norm logs;
 - ``_save`` / ``_load_from_checkpoint``: the predictor sidecar next to the normal peft adapter;
 - ``_get_train_sampler``: k rollouts per prompt (offline protocol);
-- ``get_train_dataloader``: the online stream's batches in order, its last shorter batch included (one process);
+- ``get_train_dataloader``: the online stream's batches in order, its last shorter batch included, split across
+  processes;
 - ``_generate_and_score_completions``: after TRL returns the rollout tensors, decode and grade them for monitor-only
   metrics and the per-sample record. Nothing computed from gold answers goes back into the returned batch.
 """
@@ -164,21 +165,31 @@ class ZeroSiamTrainer(DistillationTrainer):
     # ---------------------------------------------------------------- rollouts
 
     def get_train_dataloader(self):
-        if self.args.protocol != "online" or self.accelerator.num_processes > 1:
+        if self.args.protocol != "online":
             return super().get_train_dataloader()
-        # online, one process: explicit batches so that the stream's last, shorter batch is answered, scored and
-        # trained on too (TRL's RepeatSampler drops it); each batch repeats steps_per_batch times, k rows a problem
+        # online: explicit batches so that the stream's last, shorter batch is answered, scored and trained on too
+        # (TRL's RepeatSampler drops it); each batch repeats steps_per_batch times, k rows a problem, and is split
+        # across the processes here (accelerate would hand whole batches to each process in turn)
         from torch.utils.data import DataLoader
 
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        processes = self.accelerator.num_processes
         batches = StreamBatchSampler(len(dataset), self.args.stream_batch_size, self.args.num_rollouts,
-                                     self.args.steps_per_batch)  # fmt: skip
+                                     self.args.steps_per_batch, self.accelerator.process_index, processes)  # fmt: skip
+        per_process = batches.per_process * self.args.num_rollouts
+        if per_process != self.args.per_device_train_batch_size:
+            raise UserInputError(
+                f"per_device_train_batch_size is {self.args.per_device_train_batch_size} but a stream batch of "
+                f"{self.args.stream_batch_size} over {processes} processes needs {per_process}: the config was "
+                "resolved for another number of processes (set WORLD_SIZE as the launcher does)"
+            )
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers)  # fmt: skip
-        return self.accelerator.prepare(loader)
+        return self.accelerator.prepare(loader) if processes == 1 else loader
 
     def _get_train_sampler(self, dataset=None):
-        # k rollouts per prompt: each prompt index repeats k times in a row within its generation batch (as in GRPO)
+        # offline, k rollouts per prompt: each prompt index repeats k times in a row within its generation batch (as
+        # in GRPO); the online stream has its own batches (get_train_dataloader)
         dataset = self.train_dataset if dataset is None else dataset
         k = self.args.num_rollouts
         generation_batch = (
@@ -186,13 +197,11 @@ class ZeroSiamTrainer(DistillationTrainer):
             * self.accelerator.num_processes
             * self.args.gradient_accumulation_steps
         )
-        # online: the same stream batch is served steps_per_batch times (one prediction, several updates)
-        repeats = self.args.steps_per_batch if self.args.protocol == "online" else 1
         return RepeatSampler(
             data_source=dataset,
             mini_repeat_count=k,
             batch_size=generation_batch // k,
-            repeat_count=self.args.gradient_accumulation_steps * repeats,
+            repeat_count=self.args.gradient_accumulation_steps,
             shuffle=self.shuffle_dataset,
             seed=self.args.seed,
         )
@@ -395,21 +404,24 @@ class ZeroSiamTrainer(DistillationTrainer):
 
     def _record_predictions(self, inputs, rows) -> None:
         """Online protocol: one line per problem, appended before this batch's update (the scored prediction)."""
+        from accelerate.utils import gather_object
+
         from zerosiam_llm.grading import majority_answer
 
-        if not self.accelerator.is_main_process or (
-            self.args.steps_per_batch > 1 and self._step % self.args.steps_per_batch
-        ):
+        if self.args.steps_per_batch > 1 and self._step % self.args.steps_per_batch:
+            return
+        k = self.args.num_rollouts
+        # `rows` are every process's, in process order: the problems (one per k rows) are gathered the same way
+        examples = gather_object(list(inputs[::k])) if self.accelerator.num_processes > 1 else inputs[::k]
+        if not self.accelerator.is_main_process:
             return
         from zerosiam_llm.prompts import render_prompt
 
-        k = self.args.num_rollouts
         path = Path(self.args.output_dir) / PREDICTIONS_FILE
         if self._recorded_ids is None:  # read once per stream; a resumed stream re-predicts a batch: keep the first
             self._recorded_ids = {r["id"] for r in read_jsonl(path)}
         done = self._recorded_ids
         groups = [rows[i : i + k] for i in range(0, len(rows), k)]
-        examples = inputs[::k]
         golds = [g[0]["gold"] for g in groups]
         chosen = []
         for group in groups:
@@ -420,8 +432,9 @@ class ZeroSiamTrainer(DistillationTrainer):
         correct = dict(zip(graded, verdicts, strict=True))
         lines = []
         for i, (example, group, pick) in enumerate(zip(examples, groups, chosen, strict=True)):
-            if pick["id"] in done:
+            if pick["id"] in done:  # recorded before a resume, or a padding repeat of the last batch
                 continue
+            done.add(pick["id"])
             line = {
                 "benchmark": self.stream_name,
                 "id": pick["id"],
@@ -440,7 +453,6 @@ class ZeroSiamTrainer(DistillationTrainer):
                 line["answers"] = [r["answer"] for r in group]
             lines.append(line)
         append_jsonl(path, lines)
-        done.update(line["id"] for line in lines)
         if correct:
             self._metrics["train"]["monitor/accuracy"].append(sum(correct.values()) / len(correct))
 
@@ -626,14 +638,26 @@ class ZeroSiamTrainer(DistillationTrainer):
 class StreamBatchSampler(torch.utils.data.Sampler):
     """The online stream's batches in order: ``batch_size`` problems at a time, the last batch shorter when the stream
     does not divide evenly; each problem index ``k`` times in a row, each batch ``repeats`` times (one prediction,
-    then ``steps_per_batch`` updates on it)."""
+    then ``steps_per_batch`` updates on it).
 
-    def __init__(self, num_problems: int, batch_size: int, k: int = 1, repeats: int = 1) -> None:
+    Under several processes each batch is split into equal consecutive parts, ``ceil(batch_size / processes)``
+    problems each (every process must generate for the same number of prompts, e.g. for vLLM); a last batch too
+    short to fill them is padded by repeating its first problems, whose prediction is recorded once.
+    """
+
+    def __init__(self, num_problems: int, batch_size: int, k: int = 1, repeats: int = 1, process_index: int = 0,
+                 num_processes: int = 1) -> None:  # fmt: skip
         self.num_problems, self.batch_size, self.k, self.repeats = num_problems, batch_size, k, repeats
+        self.process_index, self.num_processes = process_index, num_processes
+        self.per_process = math.ceil(batch_size / num_processes)
 
     def __iter__(self):
         for start in range(0, self.num_problems, self.batch_size):
-            batch = [i for i in range(start, min(start + self.batch_size, self.num_problems)) for _ in range(self.k)]
+            problems = list(range(start, min(start + self.batch_size, self.num_problems)))
+            share = math.ceil(len(problems) / self.num_processes)
+            slots = [problems[i % len(problems)] for i in range(share * self.num_processes)]
+            mine = slots[self.process_index * share : (self.process_index + 1) * share]
+            batch = [i for i in mine for _ in range(self.k)]
             for _ in range(self.repeats):
                 yield batch
 
