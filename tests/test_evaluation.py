@@ -27,6 +27,7 @@ from zerosiam_llm.evaluation import (
     parse_args,
     read_results,
     run_evaluation,
+    select_benchmarks,
 )
 from zerosiam_llm.evaluation.generation import Completion, Generator
 from zerosiam_llm.grading import Grader, bootstrap_ci, pass_at_k
@@ -111,9 +112,11 @@ def cli(argv, capsys):
 
 def test_benchmark_definitions_read_every_shared_file(shared_data):
     benchmarks = load_benchmarks(BENCHMARKS_FILE)
-    assert list(benchmarks) == ["math500", "aime24", "aime25", "amc23", "gsm8k"]
+    assert list(benchmarks) == ["math500", "aime24", "aime25", "amc23", "gsm8k", "collegemath", "minerva"]
     sizes = {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "gsm8k": 1319}
     for name, bench in benchmarks.items():
+        if name not in sizes:  # the paper's CollegeMath and Minerva: Hub only here (see the next test)
+            continue
         problems, source = load_benchmark_problems(bench, data_dir=str(shared_data))
         assert len(problems) == sizes[name] and source.endswith(bench.local_file)
         assert len({p["id"] for p in problems}) == len(problems) and all(p["answer"] for p in problems)
@@ -278,12 +281,34 @@ def test_compare_runs(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_paper_benchmarks_collegemath_and_minerva(tmp_path, shared_data, capsys):
+    """No local copy ships: without network the error names the Hub id and what to pass instead; a local file with
+    the declared fields loads; `all` with --data_dir runs what the folder holds and says what it skipped."""
+    benchmarks = load_benchmarks(BENCHMARKS_FILE)
+    for name, hub_id in (("collegemath", "realtreetune/college_math"), ("minerva", "math-ai/minervamath")):
+        with pytest.raises(UserInputError, match=f"benchmark {name}: cannot load data set '{hub_id}'") as err:
+            load_benchmark_problems(benchmarks[name])
+        assert f"--data_file {name}=PATH" in str(err.value) and "\n" not in str(err.value)
+    local = tmp_path / "minerva_test.jsonl"
+    local.write_text('{"question": "What is 2 km in m?", "answer": "2000"}\n{"question": "Half?", "answer": "0.5"}\n')
+    problems, _ = load_benchmark_problems(benchmarks["minerva"], data_dir=str(tmp_path))
+    assert [(p["id"], p["answer"]) for p in problems] == [("0", "2000"), ("1", "0.5")]
+    chosen = select_benchmarks("all", benchmarks, str(shared_data))
+    assert [b.name for b in chosen] == ["math500", "aime24", "aime25", "amc23", "gsm8k"]
+    note = capsys.readouterr().out
+    assert "skipping collegemath (no collegemath_test.jsonl), minerva (no minerva_test.jsonl)" in note
+    assert [b.name for b in select_benchmarks("all", benchmarks, str(tmp_path))] == ["minerva"]
+    assert len(select_benchmarks("all", benchmarks)) == 7  # no --data_dir: every benchmark, from the Hub
+    with pytest.raises(UserInputError, match="holds none of the benchmark files"):
+        select_benchmarks("all", benchmarks, str(tmp_path / "empty"))
+
+
 def test_unknown_benchmark_lists_the_known_ones(tmp_path, capsys):
     code, _, err = cli(["--model", run.model, "--benchmarks", "gsm8k,math5000", "--output_dir", tmp_path / "o"],
                        capsys)  # fmt: skip
     assert code == 2
     assert err.strip() == ("error: unknown benchmark 'math5000'; known benchmarks: math500, aime24, aime25, amc23, "
-                           "gsm8k (or all)")  # fmt: skip
+                           "gsm8k, collegemath, minerva (or all)")  # fmt: skip
     assert not (tmp_path / "o").exists()
 
 

@@ -275,7 +275,7 @@ def _train_online(config: ZeroSiamConfig, source, plan: OutputPlan) -> int:
 
         definitions = load_benchmarks(find_benchmarks_file(config.benchmarks_file))
         streams = []
-        for bench in select_benchmarks(",".join(config.benchmarks), definitions):
+        for bench in select_benchmarks(",".join(config.benchmarks), definitions, config.data_dir):
             problems, _ = load_benchmark_problems(bench, config.data_dir)
             streams.append((bench.name, problems[: config.num_problems] if config.num_problems else problems))
     else:

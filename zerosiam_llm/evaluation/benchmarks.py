@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,11 +85,30 @@ def find_benchmarks_file(explicit: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def select_benchmarks(names: str, benchmarks: dict[str, Benchmark]) -> list[Benchmark]:
-    """``"math500,aime24"`` (or ``all``) -> benchmarks, in the order given; unknown names list the known ones."""
+def select_benchmarks(
+    names: str, benchmarks: dict[str, Benchmark], data_dir: str | None = None, data_files: Iterable[str] = ()
+) -> list[Benchmark]:
+    """``"math500,aime24"`` (or ``all``) -> benchmarks, in the order given; unknown names list the known ones.
+
+    ``all`` with a ``data_dir`` means every benchmark with its data there (its ``local_file``, or a ``data_files``
+    entry): the others would need the Hub, which a local run asked not to use; a note names them. A benchmark
+    named explicitly is always kept (and refused later if its file is missing).
+    """
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     if wanted == ["all"]:
-        return list(benchmarks.values())
+        if data_dir is None:
+            return list(benchmarks.values())
+        present = [b for b in benchmarks.values() if b.name in data_files or (Path(data_dir) / b.local_file).is_file()]
+        if not present:
+            raise UserInputError(
+                f"--benchmarks all: --data_dir {data_dir} holds none of the benchmark files "
+                f"({', '.join(b.local_file for b in benchmarks.values())})"
+            )
+        skipped = [b for b in benchmarks.values() if b not in present]
+        if skipped:
+            print(f"note: --benchmarks all with --data_dir {data_dir}: skipping "
+                  f"{', '.join(f'{b.name} (no {b.local_file})' for b in skipped)}")  # fmt: skip
+        return present
     if not wanted:
         raise UserInputError(f"--benchmarks is empty; known benchmarks: {', '.join(benchmarks)}")
     unknown = [n for n in wanted if n not in benchmarks]

@@ -331,8 +331,8 @@ def run_evaluation(
     if not args.output_dir:
         raise UserInputError("--output_dir is required")
     all_benchmarks = load_benchmarks(find_benchmarks_file(args.benchmarks_file or benchmarks_file))
-    selected = select_benchmarks(args.benchmarks, all_benchmarks)
     data_files = _parse_data_files(args.data_file, all_benchmarks)
+    selected = select_benchmarks(args.benchmarks, all_benchmarks, args.data_dir, data_files)
     if args.limit is not None and args.limit < 1:
         raise UserInputError(f"--limit must be >= 1, got {args.limit}")
     samplings = {b.name: _sampling_for(b, args) for b in selected}
