@@ -5,6 +5,9 @@ Variants (each in its own subprocess, so the peak RSS is the variant's own):
   zerosiam       fused chunked ZeroSiam (objectives.zerosiam_loss, full predictor)
   zerosiam-lora  fused chunked ZeroSiam, low-rank predictor (r = 32)
   come           fused chunked COME (objectives.come_loss: the entropy of a Dirichlet opinion, K = vocabulary size)
+  sar            SAR's reliable-entropy loss, one pass (objectives.sar_loss: Tent over the tokens with H < 0.4 ln V)
+  sar-sam        SAR's whole step as the trainer runs it: pass at w, ascend to w + rho g/||g|| (sar.sam_ascend),
+                 second pass over the tokens reliable in both, back to w: two forwards and two backwards
   naive-tent     full [N, V] logits, then torch ops
   naive-zerosiam full [N, V] logits for both branches, then torch ops (objectives.reference_terms)
 
@@ -12,6 +15,7 @@ Variants (each in its own subprocess, so the peak RSS is the variant's own):
     python benchmarks/bench_loss.py --rounds 5 --batch 8 --length 256
     python benchmarks/bench_loss.py --paired 8      # tent and zerosiam alternating in one process: the ratio
     python benchmarks/bench_loss.py --paired 8 --paired_variants tent,come
+    python benchmarks/bench_loss.py --paired 8 --paired_variants tent,sar,sar-sam
 
 Each timed step is one backbone forward + loss + backward (LoRA r = 16 on all linear layers, fp32); the printed time
 is the median over rounds after one warm-up step per process. Peak RSS is the process high-water mark, which
@@ -30,7 +34,7 @@ import time
 
 from paired import print_paired
 
-VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "come", "naive-tent", "naive-zerosiam")
+VARIANTS = ("tent", "zerosiam", "zerosiam-lora", "come", "sar", "sar-sam", "naive-tent", "naive-zerosiam")
 
 
 def run_variant(variant: str, batch: int, length: int, prompt: int, steps: int) -> dict:
@@ -63,8 +67,9 @@ def make_step(variant: str, batch: int, length: int, prompt: int):
     import torch
 
     from zerosiam_llm.modeling import apply_lora, final_hidden_states, lm_head_weight, load_policy, make_lora_config
-    from zerosiam_llm.objectives import come_loss, reference_terms, tent_loss, zerosiam_loss
+    from zerosiam_llm.objectives import come_loss, reference_terms, sar_loss, tent_loss, zerosiam_loss
     from zerosiam_llm.predictor import Predictor
+    from zerosiam_llm.sar import sam_ascend, sam_return
 
     global _MODEL
     torch.manual_seed(0)
@@ -93,6 +98,19 @@ def make_step(variant: str, batch: int, length: int, prompt: int):
             loss = tent_loss(h, mask, weight).loss
         elif variant == "come":
             loss = come_loss(h, mask, weight).loss
+        elif variant == "sar":
+            loss = sar_loss(h, mask, weight).loss
+        elif variant == "sar-sam":
+            first = sar_loss(h, mask, weight)
+            first.loss.backward()
+            steps = sam_ascend(params, 0.05)
+            for p in params:
+                p.grad = None
+            h = final_hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
+            loss = sar_loss(h, mask, weight, keep=first.kept).loss
+            loss.backward()
+            sam_return(params, steps)
+            return time.perf_counter() - start
         elif variant.startswith("zerosiam"):
             loss = zerosiam_loss(h, mask, weight, predictor).loss
         else:
@@ -117,7 +135,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--paired", type=int, default=0, metavar="STEPS",
                         help="instead: two variants alternating in one process for STEPS steps each")
-    parser.add_argument("--paired_variants", default="tent,zerosiam", help="the two variants of --paired, Tent first")
+    parser.add_argument("--paired_variants", default="tent,zerosiam", help="--paired variants, Tent first")
     args = parser.parse_args()
     if args.paired:
         times = run_paired(args.paired_variants.split(","), args.batch, args.length, args.prompt, args.paired)

@@ -166,14 +166,17 @@ def test_killed_stream_resumes_at_first_unscored_batch(tiny_model_dir, tmp_path)
 
 
 def test_compare_methods_writes_the_table(tiny_model_dir, tmp_path, capsys):
+    """The paper's five methods on one stream: one row each, every problem scored by each."""
     out = tmp_path / "cmp"
-    assert run(online_args(tiny_model_dir, out, "--compare_methods", "none,tent,zerosiam", "--num_problems", 8)) == 0
+    methods = ["none", "tent", "come", "sar", "zerosiam"]
+    assert run(online_args(tiny_model_dir, out, "--compare_methods", ",".join(methods), "--num_problems", 6,
+                           "--answer_field", "answer")) == 0  # fmt: skip
     table = (out / "comparison.md").read_text()
-    for method in ("none", "tent", "zerosiam"):
-        assert f"| {method} |" in table
+    for method in methods:
+        assert f"| {method} | 0.0 (0/6) [0.0, 39.0] |" in table
     data = json.loads((out / "comparison.json").read_text())
-    assert set(data["results"]) == {"none", "tent", "zerosiam"}
-    assert data["results"]["none"]["arithmetic"]["problems"] == 8
+    assert list(data["results"]) == methods
+    assert all(data["results"][m]["arithmetic"]["problems"] == 6 for m in methods)
 
 
 def test_accuracy_unavailable_without_gold_and_table_shape():
