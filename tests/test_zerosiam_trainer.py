@@ -452,6 +452,26 @@ def test_group_clipping_under_deepspeed_or_fsdp_is_refused(tmp_path):
     check_group_clipping(ZeroSiamConfig(output_dir=str(tmp_path), method="tent"), sharded=True)
 
 
+def test_sar_sharpness_aware_pass_needs_unsharded_gradients(tmp_path):
+    from zerosiam_llm.errors import UserInputError
+    from zerosiam_llm.zerosiam_config import ZeroSiamConfig
+    from zerosiam_llm.zerosiam_trainer import _check_sam_supported
+
+    sar = ZeroSiamConfig(output_dir=str(tmp_path), method="sar")
+    with pytest.raises(UserInputError, match="needs unsharded parameters and gradients .* or sar_rho: 0"):
+        _check_sam_supported(sar, sharded=True, num_processes=2)
+    accumulating = ZeroSiamConfig(output_dir=str(tmp_path), method="sar", gradient_accumulation_steps=2)
+    with pytest.raises(UserInputError, match="needs gradient_accumulation_steps: 1"):
+        _check_sam_supported(accumulating, sharded=False, num_processes=2)
+    _check_sam_supported(accumulating, sharded=False, num_processes=1)  # one process: the held gradients are local
+    _check_sam_supported(sar, sharded=False, num_processes=2)  # DDP
+    _check_sam_supported(ZeroSiamConfig(output_dir=str(tmp_path), method="sar", sar_rho=0.0), True, 2)  # one pass
+    with pytest.raises(UserInputError, match=r"sar_ema_decay must be in \[0, 1\), got 1.0"):
+        ZeroSiamConfig(output_dir=str(tmp_path), method="sar", sar_ema_decay=1.0)
+    with pytest.raises(UserInputError, match="sar_margin must be > 0"):
+        ZeroSiamConfig(output_dir=str(tmp_path), method="sar", sar_margin=0.0)
+
+
 # the hooks of TRL / transformers this project overrides or calls (private ones can change in any release): a TRL
 # upgrade that renames or reshapes one fails here, loudly, instead of being silently bypassed
 OVERRIDDEN = ("get_train_dataloader", "_get_train_sampler", "_generate_single_turn", "_prepare_inputs",
@@ -487,5 +507,8 @@ def test_called_hooks_and_helpers_exist():
         names = [p for p, _ in _parameters(fn)][1 : 1 + len(leading)]
         assert tuple(names) == leading, f"{name}{inspect.signature(fn)}"
     assert [p for p, _ in _parameters(VLLMGeneration._iter_named_params)] == ["self"]
+    from transformers import Trainer  # SAR's second pass calls it directly (no rollouts, no step count)
+
+    assert [p for p, _ in _parameters(Trainer.training_step)][1:4] == ["model", "inputs", "num_items_in_batch"]
     assert [p for p, _ in _parameters(RepeatSampler.__init__)][1:7] == [
         "data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed"]  # fmt: skip
