@@ -219,6 +219,10 @@ def test_sar_model_recovery_resets_the_adapter_and_logs_it(tiny_model_dir, tmp_p
     metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
     assert [m["sar/resets"] for m in metrics] == [1.0, 2.0] and 0 < metrics[0]["sar/reliable_share"] <= 1
     assert json.loads((out / "checkpoint-2" / "sar_recovery.json").read_text()) == {"ema": None, "resets": 2}
+    # a longer run resumes the checkpoint and its recovery state: the count goes on from 2
+    longer = ["--sar_reset_below", 100, "--max_steps", 3, "--save_steps", 1]
+    assert run(tiny_args(tiny_model_dir, out, *sar, *longer)) == 0
+    assert [m["sar/resets"] for m in read_jsonl(out / "metrics.jsonl") if "loss" in m] == [1.0, 2.0, 3.0]
     normal = tmp_path / "normal"  # the default threshold (0.2) does not fire on this model's entropies
     assert run(tiny_args(tiny_model_dir, normal, *sar)) == 0
     assert not (normal / "guard_events.jsonl").exists()
