@@ -66,7 +66,7 @@ class ObjectiveOutput:
 
 
 class Stat(enum.IntEnum):
-    """The rows of the ``[8, N]`` per-token statistics the fused pass returns (detached, one column per token)."""
+    """The rows of the ``[9, N]`` per-token statistics the fused pass returns (detached, one column per token)."""
 
     ENTROPY_ONLINE = 0  # H(p_o)
     KL_TARGET_ONLINE = 1  # KL(p_r || p_o)
@@ -76,6 +76,7 @@ class Stat(enum.IntEnum):
     TOP1_PROB = 5  # max p_r
     LOGSUMEXP_TARGET = 6  # logsumexp of the tempered target logits (NLL = lse - z_token)
     KEPT = 7  # 1 where the token is in the loss, 0 where a filter (SAR's reliable entropy) left it out
+    LOGIT_MEAN = 8  # mean over the vocabulary of the tempered target logits (self-certainty = lse - mean - ln V)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -179,6 +180,7 @@ def _fused_pass(
             stats[Stat.LOGIT_SQUARED_NORM, rs] = _rowdot(b, b) * temperature**2  # raw logits W h = T z_r
             stats[Stat.TOP1_PROB, rs] = s_r.reciprocal()  # max p_r = exp(m_r - lse_r)
             stats[Stat.LOGSUMEXP_TARGET, rs] = lse_r
+            stats[Stat.LOGIT_MEAN, rs] = b.mean(-1)
             if entropy_below is not None:
                 stats[Stat.KEPT, rs] *= h_o < entropy_below
             if want_grad:
@@ -294,10 +296,10 @@ def siamese_entropy(
 
     Returns ``(total, stats)``: ``total`` is differentiable w.r.t. ``h_online``; ``stats`` is ``[8, N]`` and detached,
     its rows named by :class:`Stat`: H(p_o), KL(r||o), KL(o||r), H(p_r), squared L2 norm of the raw target logits
-    ``W h``, the target branch's top-1 probability, the logsumexp of its (tempered) logits, and whether the token is in
-    the sum. ``h_target`` is detached: the target branch never receives a gradient. ``h_target=None`` is Tent: one
-    branch, both divergences 0, H(p_r) = H(p_o). ``entropy_below`` / ``keep`` ([N] bool) leave tokens out of the sum
-    (SAR's filter): those with ``H(p_o) >= entropy_below`` or ``keep`` False.
+    ``W h``, the target branch's top-1 probability, the logsumexp and the mean of its (tempered) logits, and whether
+    the token is in the sum. ``h_target`` is detached: the target branch never receives a gradient.
+    ``h_target=None`` is Tent: one branch, both divergences 0, H(p_r) = H(p_o). ``entropy_below`` / ``keep`` ([N]
+    bool) leave tokens out of the sum (SAR's filter): those with ``H(p_o) >= entropy_below`` or ``keep`` False.
     ``token_chunk`` is the most tokens per chunk (the chunks are made equal); ``None``: as many as fit one fp32
     ``[chunk, V]`` tile in 128 MiB.
     """
@@ -447,6 +449,39 @@ def sar_loss(
     return _objective_output(total, stats, num_items, mean_over_kept=True)
 
 
+@torch.no_grad()
+def sequence_scores(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    temperature: float = 1.0,
+    token_chunk: int | None = None,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence (row of ``hidden``), the mean over its ``mask`` tokens of the token entropy ``H(p_t)`` and of the
+    self-certainty ``KL(U || p_t) = lse(z) - mean(z) - ln V`` (Intuitor), from the same chunked projection as the
+    losses, without gradient (the label-free RL rewards). A row with no selected token gets NaN."""
+    mask = mask.bool()
+    if mask.shape != hidden.shape[:-1]:
+        raise UserInputError(f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:-1])}")
+    counts = mask.sum(-1)
+    entropy = torch.full(counts.shape, math.nan, dtype=torch.float64, device=hidden.device)
+    certainty = entropy.clone()
+    if not bool(mask.any()):
+        return entropy, certainty
+    _, stats = siamese_entropy(hidden[mask].detach(), None, lm_head_weight, (1.0, 0.0, 0.0), temperature, token_chunk,
+                               vocab_chunk, gather)  # fmt: skip
+    stats = stats.to(torch.float64)
+    token_certainty = stats[Stat.LOGSUMEXP_TARGET] - stats[Stat.LOGIT_MEAN] - math.log(lm_head_weight.shape[0])
+    rows = torch.arange(mask.shape[0], device=hidden.device)[:, None].expand_as(mask)[mask]
+    kept = counts > 0
+    for out, values in ((entropy, stats[Stat.ENTROPY_TARGET]), (certainty, token_certainty)):
+        sums = torch.zeros(mask.shape[0], dtype=torch.float64, device=hidden.device).index_add_(0, rows, values)
+        out[kept] = sums[kept] / counts[kept]
+    return entropy, certainty
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # COME (Zhang et al., ICLR 2025): the entropy of a Dirichlet opinion instead of the softmax entropy
 # --------------------------------------------------------------------------------------------------------------------
@@ -489,6 +524,7 @@ def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, wa
             stats[Stat.LOGIT_SQUARED_NORM, rs] = z_sq * temperature**2
             stats[Stat.TOP1_PROB, rs] = s.reciprocal()
             stats[Stat.LOGSUMEXP_TARGET, rs] = lse
+            stats[Stat.LOGIT_MEAN, rs] = z.mean(-1)
             if want_grad:
                 # g = p (a z + c), a = -w, c = w (w E_p[z] + u log K); the norm trick removes g's component along z:
                 # dz = g - along z with along = (z . g) / ||z||^2 = (a E_p[z^2] + c E_p[z]) / ||z||^2. Written in

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from statistics import NormalDist
-from typing import Any
 
 import numpy as np
 
@@ -40,39 +39,55 @@ def avg_at_n(correct: Sequence[bool]) -> float:
     return float(np.mean(np.asarray(correct, dtype=np.float64)))
 
 
+def answer_clusters(
+    answers: Sequence[str | None], equivalent: Callable[[str, str], bool] | None = None
+) -> list[int | None]:
+    """The cluster of each answer (``None`` for no answer), clusters numbered in order of first occurrence.
+
+    Answers are first grouped by :func:`normalize_answer`; with ``equivalent`` (e.g. ``Grader.equivalent``) the
+    groups are then merged greedily by math equivalence, each new group compared with the representatives (first
+    members) of earlier clusters in order, the representative in the gold role, so ``1/2``, ``0.5`` and
+    ``\\frac{1}{2}`` form one cluster. None (and empty) answers belong to no cluster.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, answer in enumerate(answers):
+        key = normalize_answer(answer) if answer is not None else ""
+        if key:
+            groups.setdefault(key, []).append(i)
+    out: list[int | None] = [None] * len(answers)
+    representatives: list[str] = []
+    for members in groups.values():  # dict order = order of first occurrence
+        first = answers[members[0]]
+        cluster = next(
+            (c for c, rep in enumerate(representatives) if equivalent is not None and equivalent(rep, first)), None
+        )
+        if cluster is None:
+            cluster = len(representatives)
+            representatives.append(first)
+        for i in members:
+            out[i] = cluster
+    return out
+
+
 def majority_answer(
     answers: Sequence[str | None], equivalent: Callable[[str, str], bool] | None = None
 ) -> tuple[int | None, int]:
     """``(index of a representative of the largest answer cluster, cluster size)``; ``(None, 0)`` if all None.
 
-    Answers are first grouped by :func:`normalize_answer`; with ``equivalent`` (e.g. ``Grader.equivalent``) the
-    groups are then merged greedily by math equivalence, each new group compared with the representatives of
-    earlier clusters in order (the representative in the gold role), so ``1/2``, ``0.5`` and ``\\frac{1}{2}``
-    form one cluster. None answers never count. Ties go to the cluster whose first member comes first; the
-    representative is that first member.
+    Clusters as :func:`answer_clusters`. Ties go to the cluster whose first member comes first; the representative
+    is that first member.
     """
-    groups: dict[str, list[int]] = {}
-    for i, answer in enumerate(answers):
-        if answer is None:
-            continue
-        key = normalize_answer(answer)
-        if not key:
-            continue
-        groups.setdefault(key, []).append(i)
-    if not groups:
+    clusters = answer_clusters(answers, equivalent)
+    sizes: dict[int, int] = {}
+    firsts: dict[int, int] = {}
+    for i, cluster in enumerate(clusters):
+        if cluster is not None:
+            sizes[cluster] = sizes.get(cluster, 0) + 1
+            firsts.setdefault(cluster, i)
+    if not sizes:
         return None, 0
-    # cluster: [first index, size, representative answer]
-    clusters: list[list[Any]] = []
-    for members in groups.values():  # dict order = order of first occurrence
-        first = members[0]
-        for cluster in clusters if equivalent is not None else ():
-            if equivalent(cluster[2], answers[first]):  # type: ignore[misc]
-                cluster[1] += len(members)
-                break
-        else:
-            clusters.append([first, len(members), answers[first]])
-    best = max(clusters, key=lambda cl: (cl[1], -cl[0]))
-    return best[0], best[1]
+    best = max(sizes, key=lambda c: (sizes[c], -firsts[c]))
+    return firsts[best], sizes[best]
 
 
 def maj_at_k(
