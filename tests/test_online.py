@@ -132,7 +132,7 @@ def test_two_processes_score_every_problem_once_like_one(tiny_model_dir, tmp_pat
 
 
 def test_stream_batches_split_across_processes():
-    from zerosiam_llm.zerosiam_trainer import StreamBatchSampler
+    from zerosiam_llm.run_trainer import StreamBatchSampler
 
     def batches(process, processes, k=1, repeats=1):
         return list(StreamBatchSampler(7, 4, k, repeats, process, processes))

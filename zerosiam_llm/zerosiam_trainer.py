@@ -1,7 +1,8 @@
 """``ZeroSiamTrainer``: TRL's on-policy ``DistillationTrainer`` with no teacher and the ZeroSiam loss.
 
 TRL does the rollouts (HF ``generate``, vLLM colocate or server, LoRA-merged weight sync), batching, DDP / FSDP /
-DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what ZeroSiam needs:
+DeepSpeed plumbing, logging and checkpoints; ``RunTrainerMixin`` the online stream, the rollout record and the run's
+callbacks (shared with the RL methods' trainer). This subclass overrides only what the entropy methods need:
 
 - ``_compute_loss``: backbone hidden states -> chunked ZeroSiam / Tent / COME / SAR objective (``objectives.py``);
 - ``training_step``: SAR's sharpness-aware second pass (``sar.py``), and no update for ``method: none``;
@@ -9,8 +10,6 @@ DeepSpeed plumbing, logging and checkpoints. This subclass overrides only what Z
 - ``_clip_grad_norm`` / ``_get_grad_norm``: per-group clipping and per-group grad-norm logs;
 - ``_save`` / ``_load_from_checkpoint``: the predictor sidecar next to the normal peft adapter;
 - ``_get_train_sampler``: k rollouts per prompt (offline protocol);
-- ``get_train_dataloader``: the online stream's batches in order, its last shorter batch included, split across
-  processes;
 - ``_generate_and_score_completions``: after TRL returns the rollout tensors, decode and grade them for monitor-only
   metrics and the per-sample record. Nothing computed from gold answers goes back into the returned batch.
 """
@@ -26,26 +25,13 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import TrainerCallback, TrainerState
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers import TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
-from zerosiam_llm.callbacks import (
-    GUARD_STATE_FILE,
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    RECOVERY_STATE_FILE,
-    SAMPLES_FILE,
-    CollapseGuardCallback,
-    ModelRecoveryCallback,
-    RunRecordCallback,
-    StepProgressCallback,
-    last_complete_checkpoint,
-)
+from zerosiam_llm.callbacks import RECOVERY_STATE_FILE, ModelRecoveryCallback
 from zerosiam_llm.card import PAPERS
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.files import append_jsonl, read_jsonl
 from zerosiam_llm.modeling import (
     PREDICTOR_ATTRIBUTE,
     attach_predictor,
@@ -54,17 +40,18 @@ from zerosiam_llm.modeling import (
     get_predictor,
     lm_head_weight,
 )
-from zerosiam_llm.monitoring import base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
 from zerosiam_llm.objectives import come_loss, sar_loss, zerosiam_loss
 from zerosiam_llm.optimizers import AdamWWithSGDGroups
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
+from zerosiam_llm.run_trainer import RunTrainerMixin
 from zerosiam_llm.sar import sam_ascend, sam_return
 from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 logger = logging.getLogger(__name__)
 
-class ZeroSiamTrainer(DistillationTrainer):
+
+class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
     """Test-time entropy minimisation with the ZeroSiam predictor (``method: zerosiam``) or plain Tent (``tent``)."""
 
     _tag_names = ["trl", "zerosiam", "test-time-adaptation", "entropy-minimization"]
@@ -111,24 +98,9 @@ class ZeroSiamTrainer(DistillationTrainer):
             attach_predictor(self.model, self.predictor)
         if self.use_vllm:
             self._keep_predictor_out_of_vllm_sync()
-        self._grader = grader
-        self._owns_grader = grader is None
-        # the fresh adapter and P = I, restored between online streams (each starts from the base model)
-        self._initial_trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        self.stream_name: str | None = None
-        self._recorded_ids: set[str] | None = None  # problem ids already in this stream's predictions.jsonl
         self.nonfinite_streak = 0  # consecutive skipped (non-finite) updates
         self.nonfinite_total = 0
-        self.already_finished = False  # set by train() when the checkpoint resumed was already at the last step
-        self.add_callback(RunRecordCallback(self))
-        # a step bar with ETA instead of HF's bar + a raw dict per step (the dict is in metrics.jsonl / report_to)
-        self.remove_callback(PrinterCallback)
-        self.remove_callback(ProgressCallback)
-        self.add_callback(StepProgressCallback(self, bar=not args.disable_tqdm))
-        rules = parse_guard_rules(args.guard_rules)
-        self.guard_callback = CollapseGuardCallback(self, rules) if rules else None
-        if self.guard_callback is not None:
-            self.add_callback(self.guard_callback)
+        self._setup_run(grader)
         # SAR: which pass of the sharpness-aware step runs (0: none, 1: at w, 2: at w + e), its rollouts and the
         # tokens the first pass kept; the last loss feeds the model recovery
         self._sam_pass, self._sam_inputs, self._sam_kept = 0, None, None
@@ -138,54 +110,7 @@ class ZeroSiamTrainer(DistillationTrainer):
             self.recovery_callback = ModelRecoveryCallback(self)
             self.add_callback(self.recovery_callback)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """HF ``train``, except that resuming a checkpoint already at the planned step count trains nothing.
-
-        transformers resumes mid-epoch without checking ``global_step >= max_steps`` first, so re-running a finished
-        run would take one more step; here the checkpoint's weights are loaded and training is skipped.
-        """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        if resume_from_checkpoint:
-            done = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json")).global_step
-            planned = self.planned_steps()
-            if done >= planned:
-                logger.warning("%s is at step %d of %d: nothing to train", resume_from_checkpoint, done, planned)
-                self._load_from_checkpoint(resume_from_checkpoint)
-                self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
-                self.already_finished = True
-                return None
-        self.already_finished = False
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def planned_steps(self) -> int:
-        """The optimisation steps a full run of this config takes (``max_steps``, or epochs x batches per epoch)."""
-        return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
-
     # ---------------------------------------------------------------- rollouts
-
-    def get_train_dataloader(self):
-        if self.args.protocol != "online":
-            return super().get_train_dataloader()
-        # online: explicit batches so that the stream's last, shorter batch is answered, scored and trained on too
-        # (TRL's RepeatSampler drops it); each batch repeats steps_per_batch times, k rows a problem, and is split
-        # across the processes here (accelerate would hand whole batches to each process in turn)
-        from torch.utils.data import DataLoader
-
-        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
-        processes = self.accelerator.num_processes
-        batches = StreamBatchSampler(len(dataset), self.args.stream_batch_size, self.args.num_rollouts,
-                                     self.args.steps_per_batch, self.accelerator.process_index, processes)  # fmt: skip
-        per_process = batches.per_process * self.args.num_rollouts
-        if per_process != self.args.per_device_train_batch_size:
-            raise UserInputError(
-                f"per_device_train_batch_size is {self.args.per_device_train_batch_size} but a stream batch of "
-                f"{self.args.stream_batch_size} over {processes} processes needs {per_process}: the config was "
-                "resolved for another number of processes (set WORLD_SIZE as the launcher does)"
-            )
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers)  # fmt: skip
-        return self.accelerator.prepare(loader) if processes == 1 else loader
 
     def _get_train_sampler(self, dataset=None):
         # offline, k rollouts per prompt: each prompt index repeats k times in a row within its generation batch (as
@@ -292,24 +217,9 @@ class ZeroSiamTrainer(DistillationTrainer):
         return loss
 
     def reset_stream(self, train_dataset, output_dir: str) -> None:
-        """Start a new online stream from the base model: fresh adapter, P = I, fresh optimizer and state."""
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if name in self._initial_trainable:
-                    param.copy_(self._initial_trainable[name])
-        self.optimizer, self.lr_scheduler = None, None
-        self._step, self._buffered_inputs = 0, None
-        for metrics in self._metrics.values():
-            metrics.clear()
-        self.train_dataset = train_dataset
-        self.args.output_dir = output_dir
-        self._recorded_ids = None
-        if self.guard_callback is not None:
-            self.guard_callback.reset()
+        super().reset_stream(train_dataset, output_dir)
         if self.recovery_callback is not None:
             self.recovery_callback.reset()
-        if self.use_vllm:
-            self._last_loaded_step = -1  # push the reset weights to vLLM before the first prediction
 
     def _keep_predictor_out_of_vllm_sync(self) -> None:
         # vLLM raises on parameter names it does not know; generation uses base + merged LoRA only
@@ -329,132 +239,6 @@ class ZeroSiamTrainer(DistillationTrainer):
         self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"])
         self._record_base_nll(output)
         return output
-
-    def _record_base_nll(self, output) -> None:
-        # coherence: the frozen base model's NLL of the rollouts (adapter disabled, never the predictor); every
-        # process joins the forward pass, the token-weighted mean is gathered
-        every, step = self.args.base_nll_every, self.state.global_step + 1
-        if not every or (step - 1) % every or self.args.method == "none":
-            return
-        mask = output["completion_mask"]
-        head = causal_lm(self.model).get_output_embeddings()
-        nll = base_model_nll(
-            self.accelerator.unwrap_model(self.model), output["prompt_ids"], output["prompt_mask"],
-            output["completion_ids"], mask, token_chunk=self.args.token_chunk_size,
-            vocab_chunk=self.args.vocab_chunk_size, gather=lambda: maybe_gather_lm_head_ctx(head.weight),
-        )  # fmt: skip
-        n = mask.sum().to(torch.float64)
-        local = torch.stack([torch.nan_to_num(torch.tensor(nll, dtype=torch.float64, device=n.device)) * n, n])
-        total = self.accelerator.gather(local[None]).sum(0)
-        if total[1] > 0:
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["coherence/base_nll"].append((total[0] / total[1]).item())
-
-    @property
-    def grader(self):
-        if self._grader is None:
-            from zerosiam_llm.grading import Grader
-
-            self._grader = Grader(num_workers=1)
-        return self._grader
-
-    def _record_rollouts(self, inputs, completion_ids, completion_mask) -> None:
-        from accelerate.utils import gather_object
-
-        from zerosiam_llm.grading import extract_answer, has_boxed
-
-        ids_list = [ids[mask.bool()].tolist() for ids, mask in zip(completion_ids, completion_mask, strict=True)]
-        texts = self.processing_class.batch_decode(ids_list, skip_special_tokens=True)
-        lengths = completion_mask.sum(-1).tolist()
-        step = self.state.global_step + 1  # the optimisation step these rollouts train
-        rows = []
-        for example, ids, text, length in zip(inputs, ids_list, texts, lengths, strict=True):
-            extraction = extract_answer(text)
-            rep = repetition_stats(ids, self.args.repetition_ngram)
-            rows.append(
-                {
-                    "step": step,
-                    "id": example.get("id"),
-                    "completion": text,
-                    "completion_tokens": int(length),
-                    "truncated": int(length) >= self.args.max_completion_length,
-                    "answer": extraction.answer,
-                    "boxed": has_boxed(text),
-                    "gold": example.get("answer"),
-                    "repeated_ngram_share": rep["repeated_ngram_share"],
-                    "longest_repeated_span": int(rep["longest_repeated_span"]),
-                }
-            )
-        rows = gather_object(rows)
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
-        for name, value in rollout_metrics(rows).items():
-            metrics[name].append(value)
-        if self.args.protocol == "online" and mode == "train":
-            self._record_predictions(inputs, rows)
-            return
-        graded = [r for r in rows if r["gold"] is not None]
-        if graded and (step - 1) % self.args.monitor_every == 0 and self.accelerator.is_main_process:
-            verdicts = self.grader.grade([r["gold"] for r in graded], [r["answer"] for r in graded])
-            for row, ok in zip(graded, verdicts, strict=True):
-                row["correct"] = bool(ok)
-            metrics["monitor/accuracy"].append(sum(verdicts) / len(verdicts))
-        if self.accelerator.is_main_process and mode == "train" and self.args.output_dir:
-            append_jsonl(Path(self.args.output_dir) / SAMPLES_FILE, rows)
-
-    def _record_predictions(self, inputs, rows) -> None:
-        """Online protocol: one line per problem, appended before this batch's update (the scored prediction)."""
-        from accelerate.utils import gather_object
-
-        from zerosiam_llm.grading import majority_answer
-
-        if self.args.steps_per_batch > 1 and self._step % self.args.steps_per_batch:
-            return
-        k = self.args.num_rollouts
-        # `rows` are every process's, in process order: the problems (one per k rows) are gathered the same way
-        examples = gather_object(list(inputs[::k])) if self.accelerator.num_processes > 1 else inputs[::k]
-        if not self.accelerator.is_main_process:
-            return
-        from zerosiam_llm.prompts import render_prompt
-
-        path = Path(self.args.output_dir) / PREDICTIONS_FILE
-        if self._recorded_ids is None:  # read once per stream; a resumed stream re-predicts a batch: keep the first
-            self._recorded_ids = {r["id"] for r in read_jsonl(path)}
-        done = self._recorded_ids
-        groups = [rows[i : i + k] for i in range(0, len(rows), k)]
-        golds = [g[0]["gold"] for g in groups]
-        chosen = []
-        for group in groups:
-            index, _ = majority_answer([r["answer"] for r in group]) if k > 1 else (0, 1)
-            chosen.append(group[index if index is not None else 0])
-        graded = [i for i, gold in enumerate(golds) if gold is not None]
-        verdicts = self.grader.grade([golds[i] for i in graded], [chosen[i]["answer"] for i in graded])
-        correct = dict(zip(graded, verdicts, strict=True))
-        lines = []
-        for i, (example, group, pick) in enumerate(zip(examples, groups, chosen, strict=True)):
-            if pick["id"] in done:  # recorded before a resume, or a padding repeat of the last batch
-                continue
-            done.add(pick["id"])
-            line = {
-                "benchmark": self.stream_name,
-                "id": pick["id"],
-                "step": pick["step"],
-                "method": self.args.method,
-                "prompt": render_prompt(self.processing_class, example["prompt"]),
-                "completion": pick["completion"],
-                "answer": pick["answer"],
-                "gold": golds[i],
-                "correct": bool(correct[i]) if i in correct else None,
-                "completion_tokens": pick["completion_tokens"],
-                "truncated": pick["truncated"],
-            }
-            if k > 1:
-                line["completions"] = [r["completion"] for r in group]
-                line["answers"] = [r["answer"] for r in group]
-            lines.append(line)
-        append_jsonl(path, lines)
-        if correct:
-            self._metrics["train"]["monitor/accuracy"].append(sum(correct.values()) / len(correct))
 
     # ---------------------------------------------------------------- loss
 
@@ -609,60 +393,10 @@ class ZeroSiamTrainer(DistillationTrainer):
             if not has_predictor(resume_from_checkpoint):
                 raise UserInputError(f"checkpoint {resume_from_checkpoint} has no predictor sidecar to resume from")
             load_predictor_state_(self.predictor, resume_from_checkpoint)
-        guard_state = Path(resume_from_checkpoint) / GUARD_STATE_FILE
-        if self.guard_callback is not None and guard_state.is_file():
-            self.guard_callback.guard.load_state_dict(json.loads(guard_state.read_text(encoding="utf-8")))
+        self._load_guard_state(resume_from_checkpoint)
         recovery_state = Path(resume_from_checkpoint) / RECOVERY_STATE_FILE
         if self.recovery_callback is not None and recovery_state.is_file():
             self.recovery_callback.average.load_state_dict(json.loads(recovery_state.read_text(encoding="utf-8")))
-
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None) -> None:
-        """TRL's card (front matter, the method's paper, versions, citations) completed with the adapter's use, the
-        settings and the collapse metrics (``card.py``)."""
-        if not self.is_world_process_zero():
-            return
-        from zerosiam_llm.card import card_dataset, complete_model_card
-
-        out = Path(self.args.output_dir)
-        self._paper = PAPERS.get(self.args.method, PAPERS["tent"])  # the method this run used
-        self._name = self._paper["name"]
-        super().create_model_card(model_name or out.name, dataset_name or card_dataset(self.args), tags)
-        complete_model_card(out / "README.md", self.args, read_jsonl(out / METRICS_FILE))
-
-    def close(self) -> None:
-        if self._owns_grader and self._grader is not None:
-            self._grader.close()
-            self._grader = None
-
-
-class StreamBatchSampler(torch.utils.data.Sampler):
-    """The online stream's batches in order: ``batch_size`` problems at a time, the last batch shorter when the stream
-    does not divide evenly; each problem index ``k`` times in a row, each batch ``repeats`` times (one prediction,
-    then ``steps_per_batch`` updates on it).
-
-    Under several processes each batch is split into equal consecutive parts, ``ceil(batch_size / processes)``
-    problems each (every process must generate for the same number of prompts, e.g. for vLLM); a last batch too
-    short to fill them is padded by repeating its first problems, whose prediction is recorded once.
-    """
-
-    def __init__(self, num_problems: int, batch_size: int, k: int = 1, repeats: int = 1, process_index: int = 0,
-                 num_processes: int = 1) -> None:  # fmt: skip
-        self.num_problems, self.batch_size, self.k, self.repeats = num_problems, batch_size, k, repeats
-        self.process_index, self.num_processes = process_index, num_processes
-        self.per_process = math.ceil(batch_size / num_processes)
-
-    def __iter__(self):
-        for start in range(0, self.num_problems, self.batch_size):
-            problems = list(range(start, min(start + self.batch_size, self.num_problems)))
-            share = math.ceil(len(problems) / self.num_processes)
-            slots = [problems[i % len(problems)] for i in range(share * self.num_processes)]
-            mine = slots[self.process_index * share : (self.process_index + 1) * share]
-            batch = [i for i in mine for _ in range(self.k)]
-            for _ in range(self.repeats):
-                yield batch
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_problems / self.batch_size) * self.repeats
 
 
 def check_group_clipping(args: ZeroSiamConfig, sharded: bool) -> None:
