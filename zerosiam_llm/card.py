@@ -53,6 +53,45 @@ PAPERS = {
             "Peilin and Tan, Mingkui},\n  booktitle={ICLR},\n  year={2023}\n}"
         ),
     },
+    "majority-vote": {
+        "name": "TTRL",
+        "title": "TTRL: Test-Time Reinforcement Learning",
+        "id": "2504.16084",
+        "citation": (
+            "@article{zuo2025ttrl,\n  title={TTRL: Test-Time Reinforcement Learning},\n  author={Zuo, Yuxin and "
+            "Zhang, Kaiyan and others},\n  journal={arXiv preprint arXiv:2504.16084},\n  year={2025}\n}"
+        ),
+    },
+    "semantic-vote": {
+        "name": "EMPO",
+        "title": "Right Question is Already Half the Answer: Fully Unsupervised LLM Reasoning Incentivization",
+        "id": "2504.05812",
+        "citation": (
+            "@article{zhang2025empo,\n  title={Right Question is Already Half the Answer: Fully Unsupervised LLM "
+            "Reasoning Incentivization},\n  author={Zhang, Qingyang and others},\n  journal={arXiv preprint "
+            "arXiv:2504.05812},\n  year={2025}\n}"
+        ),
+    },
+    "entropy-reward": {
+        "name": "RENT",
+        "title": "Maximizing Confidence Alone Improves Reasoning",
+        "id": "2505.22660",
+        "citation": (
+            "@article{prabhudesai2025rent,\n  title={Maximizing Confidence Alone Improves Reasoning},\n  author={"
+            "Prabhudesai, Mihir and Chen, Lili and Ippoliti, Alex and Fragkiadaki, Katerina and Liu, Hao and Pathak, "
+            "Deepak},\n  journal={arXiv preprint arXiv:2505.22660},\n  year={2025}\n}"
+        ),
+    },
+    "self-certainty": {
+        "name": "Intuitor",
+        "title": "Learning to Reason without External Rewards",
+        "id": "2505.19590",
+        "citation": (
+            "@article{zhao2025intuitor,\n  title={Learning to Reason without External Rewards},\n  author={Zhao, "
+            "Xuandong and Kang, Zhewei and Feng, Aosong and Levine, Sergey and Song, Dawn},\n  journal={arXiv "
+            "preprint arXiv:2505.19590},\n  year={2025}\n}"
+        ),
+    },
     "tent": {
         "name": "Tent",
         "title": "Tent: Fully Test-time Adaptation by Entropy Minimization",
@@ -113,9 +152,11 @@ def _training_section(args, metrics: list[dict]) -> str:
         "zerosiam": "ZeroSiam",
         "come": "COME (entropy of a Dirichlet opinion)",
         "sar": "SAR (reliable, sharpness-aware entropy minimisation)",
-    }.get(
-        args.method, "Tent (entropy minimisation)"
-    )
+        "majority-vote": "GRPO with a majority-vote reward (TTRL)",
+        "semantic-vote": "GRPO with a semantic-vote reward (EMPO)",
+        "entropy-reward": "GRPO with a negative-entropy reward (RENT / EM-RL)",
+        "self-certainty": "GRPO with a self-certainty reward (Intuitor)",
+    }.get(args.method, "Tent (entropy minimisation)")
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)  # an enum: print "linear"
     steps = max((m.get("step", 0) for m in metrics), default=0)
     loss = {
@@ -127,10 +168,12 @@ def _training_section(args, metrics: list[dict]) -> str:
         f"(SAM, rho = {args.sar_rho}), with the adapter reset when the loss average falls below "
         f"{args.sar_reset_below} (SAR).",
     }.get(args.method, ".")
+    signal = f"the loss is the model's own token entropy{loss}"
+    if args.method in PAPERS and args.method not in ("zerosiam", "come", "sar", "tent"):  # the RL methods
+        signal = f"the reward of each of the k = {args.num_rollouts} rollouts per prompt comes from the model itself."
     lines = [
         f"Adapted at test time with **{method}** on unlabeled prompts from `{args.dataset}`. **Trained without "
-        f"labels**: the loss is the model's own token entropy{loss} Gold answers, where the data had them, were "
-        "used only for monitoring.",
+        f"labels**: {signal} Gold answers, where the data had them, were used only for monitoring.",
         "",
         "| setting | value |",
         "|---|---|",

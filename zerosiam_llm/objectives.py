@@ -449,6 +449,16 @@ def sar_loss(
     return _objective_output(total, stats, num_items, mean_over_kept=True)
 
 
+@dataclass
+class SequenceScores:
+    """The rollouts' scores under the policy: per sequence the mean token entropy and self-certainty (the RL
+    methods' logit rewards), and the monitors' statistics over all their tokens."""
+
+    entropy: torch.Tensor  # [B] float64, NaN for an empty completion
+    self_certainty: torch.Tensor  # [B] float64, mean KL(U || p_t)
+    monitors: ObjectiveOutput  # entropy_target, logit norms, top-1 probabilities, ... (loss = the mean entropy)
+
+
 @torch.no_grad()
 def sequence_scores(
     hidden: torch.Tensor,
@@ -458,28 +468,24 @@ def sequence_scores(
     token_chunk: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> SequenceScores:
     """Per sequence (row of ``hidden``), the mean over its ``mask`` tokens of the token entropy ``H(p_t)`` and of the
     self-certainty ``KL(U || p_t) = lse(z) - mean(z) - ln V`` (Intuitor), from the same chunked projection as the
-    losses, without gradient (the label-free RL rewards). A row with no selected token gets NaN."""
+    losses, without gradient (the label-free RL rewards), and the collapse monitors' statistics over the tokens."""
+    h = _selected_rows(hidden, mask)
     mask = mask.bool()
-    if mask.shape != hidden.shape[:-1]:
-        raise UserInputError(f"mask shape {tuple(mask.shape)} does not match hidden states {tuple(hidden.shape[:-1])}")
-    counts = mask.sum(-1)
-    entropy = torch.full(counts.shape, math.nan, dtype=torch.float64, device=hidden.device)
-    certainty = entropy.clone()
-    if not bool(mask.any()):
-        return entropy, certainty
-    _, stats = siamese_entropy(hidden[mask].detach(), None, lm_head_weight, (1.0, 0.0, 0.0), temperature, token_chunk,
+    _, stats = siamese_entropy(h.detach(), None, lm_head_weight, (1.0, 0.0, 0.0), temperature, token_chunk,
                                vocab_chunk, gather)  # fmt: skip
+    monitors = _objective_output(stats[Stat.ENTROPY_TARGET].sum(), stats, None)
     stats = stats.to(torch.float64)
     token_certainty = stats[Stat.LOGSUMEXP_TARGET] - stats[Stat.LOGIT_MEAN] - math.log(lm_head_weight.shape[0])
+    counts = mask.sum(-1)
     rows = torch.arange(mask.shape[0], device=hidden.device)[:, None].expand_as(mask)[mask]
-    kept = counts > 0
-    for out, values in ((entropy, stats[Stat.ENTROPY_TARGET]), (certainty, token_certainty)):
+    per_sequence = []
+    for values in (stats[Stat.ENTROPY_TARGET], token_certainty):
         sums = torch.zeros(mask.shape[0], dtype=torch.float64, device=hidden.device).index_add_(0, rows, values)
-        out[kept] = sums[kept] / counts[kept]
-    return entropy, certainty
+        per_sequence.append(torch.where(counts > 0, sums / counts.clamp_min(1), torch.nan))
+    return SequenceScores(per_sequence[0], per_sequence[1], monitors)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -290,9 +290,29 @@ TRAIN_DESCRIPTION = (
 )
 
 
-def train_parser() -> FieldParser:
+def train_parser(config_class: type = ZeroSiamConfig) -> FieldParser:
     description = TRAIN_DESCRIPTION.format(recipes=", ".join(available_recipes()), default=DEFAULT_RECIPE)
-    return FieldParser(ZeroSiamConfig, prog="zerosiam-train", description=description)
+    return FieldParser(config_class, prog="zerosiam-train", description=description)
+
+
+def config_class_for(method: str | None) -> type:
+    """The config dataclass of a method: ``LabelFreeConfig`` (GRPO fields too) for the RL methods, else
+    ``ZeroSiamConfig``."""
+    from zerosiam_llm.label_free_config import LabelFreeConfig
+    from zerosiam_llm.rewards import RL_METHODS
+
+    return LabelFreeConfig if method in RL_METHODS else ZeroSiamConfig
+
+
+def _method_in(argv: Sequence[str], recipe_method: Any) -> Any:
+    """The ``method`` a command line (its last ``--method``) or else a recipe asks for, before parsing."""
+    method = recipe_method
+    for i, token in enumerate(argv):
+        if token == "--method" and i + 1 < len(argv):
+            method = argv[i + 1]
+        elif token.startswith("--method="):
+            method = token.split("=", 1)[1]
+    return method
 
 
 def parse_config(
@@ -315,7 +335,8 @@ def parse_config(
         path = resolve_recipe(recipe or default_recipe, recipes_dir)
     else:
         path = None
-    parser = train_parser()
+    raw_method = load_recipe(path).get("method") if path else None
+    parser = train_parser(config_class_for(_method_in(argv, raw_method)))
     values = parser.read_config(path) if path else {}
     if path:
         values.setdefault("recipe", path.stem)

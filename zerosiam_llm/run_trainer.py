@@ -169,7 +169,7 @@ class RunTrainerMixin:
             self._grader = Grader(num_workers=1)
         return self._grader
 
-    def _record_rollouts(self, inputs, completion_ids, completion_mask) -> None:
+    def _record_rollouts(self, inputs, completion_ids, completion_mask, extra: dict[str, list] | None = None) -> None:
         from accelerate.utils import gather_object
 
         from zerosiam_llm.grading import extract_answer, has_boxed
@@ -196,6 +196,9 @@ class RunTrainerMixin:
                     "longest_repeated_span": int(rep["longest_repeated_span"]),
                 }
             )
+        for name, values in (extra or {}).items():  # e.g. each rollout's reward (the RL methods)
+            for row, value in zip(rows, values, strict=True):
+                row[name] = value
         rows = gather_object(rows)
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
@@ -262,6 +265,8 @@ class RunTrainerMixin:
             if k > 1:
                 line["completions"] = [r["completion"] for r in group]
                 line["answers"] = [r["answer"] for r in group]
+            if "reward" in pick:  # the RL methods: each rollout's label-free reward
+                line["rewards"] = [r["reward"] for r in group]
             lines.append(line)
         append_jsonl(path, lines)
         if correct:

@@ -20,8 +20,10 @@ from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
+from zerosiam_llm.rewards import RL_METHODS
 
-METHODS = ("zerosiam", "tent", "come", "sar", "none")
+ENTROPY_METHODS = ("zerosiam", "tent", "come", "sar", "none")  # ZeroSiamTrainer's (none: the online baseline)
+METHODS = ENTROPY_METHODS + RL_METHODS  # RL_METHODS: LabelFreeTrainer's (label_free_config.py)
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "model")
@@ -45,6 +47,9 @@ class ZeroSiamConfig(DistillationConfig):
     learning_rate, max_steps, per_device_train_batch_size, gradient_accumulation_steps, max_completion_length,
     temperature, use_vllm, vllm_mode, report_to, push_to_hub, ...). Teacher fields and `beta` are not used.
     """
+
+    trainer_methods = ENTROPY_METHODS  # the methods this config's trainer runs (LabelFreeConfig: the RL ones)
+    unsupported_fields = UNSUPPORTED_FIELDS
 
     # ---- model ----
     model: str = field(
@@ -377,6 +382,10 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError(f"max_steps must be > 0, or -1 to train num_train_epochs; got {self.max_steps}")
         if self.protocol == "offline" and self.max_steps == -1 and not self.num_train_epochs > 0:
             raise UserInputError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}")
+        if self.method in METHODS and self.method not in self.trainer_methods:
+            other = "LabelFreeConfig (GRPO)" if self.method in RL_METHODS else "ZeroSiamConfig"
+            raise UserInputError(f"method: {self.method!r} is a {other} method; {type(self).__name__} runs "
+                                 f"{', '.join(self.trainer_methods)}")  # fmt: skip
         choices = {
             "method": METHODS,
             "predictor": PREDICTOR_FORMS,
@@ -440,13 +449,13 @@ class ZeroSiamConfig(DistillationConfig):
                     "extra; GPU only), or set use_vllm: false"
                 )
         defaults = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}
-        for name in UNSUPPORTED_FIELDS:
+        for name in self.unsupported_fields:
             if getattr(self, name) != defaults.get(name):
                 raise UserInputError(f"{name} is a distillation setting and has no meaning here; remove it")
 
     def resolved_dict(self) -> dict[str, Any]:
         """Every field's value, for ``resolved_config.yaml`` (tokens never recorded)."""
-        names = config_fields()
+        names = config_fields(type(self))
         return {k: _plain(v) for k, v in self.to_dict().items() if k in names and k not in SECRET_FIELDS}
 
 
@@ -465,5 +474,5 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(ZeroSiamConfig) if f.init}
+def config_fields(config_class: type | None = None) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class or ZeroSiamConfig) if f.init}

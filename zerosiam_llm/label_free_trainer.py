@@ -1,0 +1,156 @@
+"""``LabelFreeTrainer``: TRL's ``GRPOTrainer`` with a label-free reward (``rewards.py``), on the project's run.
+
+TRL does the k rollouts per prompt (HF ``generate`` or vLLM, LoRA, weight sync), the group advantages and its loss
+types; ``RunTrainerMixin`` adds the online stream, the rollout record and predictions, the callbacks (run record,
+step bar, collapse guard) and the card. This subclass overrides only:
+
+- ``_calculate_rewards``: the vote rewards go through TRL's reward-function API (text only); the logit rewards
+  (``entropy-reward``, ``self-certainty``) are computed here from the policy's hidden states of the rollouts, in token
+  chunks through the loss module's projection (``objectives.sequence_scores``), without gradient;
+- ``_generate``: keeps the rollouts' prompt token ids for the logit rewards;
+- ``_generate_and_score_completions``: records each rollout (and its reward) after TRL scored the batch.
+
+Gold answers reach no reward: a data set's ``answer`` column is passed to TRL reward functions as a keyword
+argument, which the vote rewards never read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from zerosiam_llm.card import PAPERS
+from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.label_free_config import LabelFreeConfig
+from zerosiam_llm.modeling import causal_lm, final_hidden_states
+from zerosiam_llm.objectives import SequenceScores, sequence_scores
+from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward
+from zerosiam_llm.run_trainer import RunTrainerMixin
+
+logger = logging.getLogger(__name__)
+
+
+def _logit_reward_placeholder(method: str):
+    def reward(prompts, completions, **kwargs):
+        raise RuntimeError(f"the {method} reward is computed by LabelFreeTrainer._calculate_rewards from logits")
+
+    reward.__name__ = method.replace("-", "_")
+    return reward
+
+
+class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
+    """GRPO with a label-free reward: majority vote, semantic vote, entropy or self-certainty (``method``)."""
+
+    _tag_names = ["trl", "grpo", "zerosiam", "test-time-adaptation", "label-free"]
+    _name = "LabelFree"
+    _paper = PAPERS["majority-vote"]
+
+    def __init__(
+        self,
+        model,
+        args: LabelFreeConfig,
+        train_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+        grader=None,
+    ) -> None:
+        if not isinstance(args, LabelFreeConfig):
+            raise TypeError("LabelFreeTrainer needs a LabelFreeConfig")
+        if args.method in LOGIT_METHODS:
+            reward = _logit_reward_placeholder(args.method)
+        else:  # the grader's math equivalence clusters the answers (1/2 and 0.5 are one answer)
+            reward = VoteReward(args.method, args.num_rollouts, equivalent=lambda a, b: self.grader.equivalent(a, b))
+        self._rollout_prompt_ids: list[list[int]] | None = None
+        self._scores: SequenceScores | None = None  # this generation batch's, computed once
+        self._local_rewards: list[float] | None = None
+        super().__init__(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            peft_config=peft_config,
+        )
+        local_batch = args.per_device_train_batch_size * args.steps_per_generation
+        if local_batch % args.num_rollouts:
+            raise UserInputError(
+                f"each process must hold whole groups of k = {args.num_rollouts} rollouts (the rewards compare the "
+                f"rollouts of one prompt): per_device_train_batch_size x steps_per_generation = {local_batch}"
+            )
+        self._setup_run(grader)
+
+    # ---------------------------------------------------------------- rewards
+
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        self._rollout_prompt_ids, self._scores = out[0], None
+        return out
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self.args.method not in LOGIT_METHODS:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            start = self.accelerator.process_index * len(prompts)  # gathered in process order
+            self._local_rewards = rewards[start : start + len(prompts), 0].tolist()
+            return rewards
+        scores = self._rollout_scores(self._rollout_prompt_ids, completion_ids_list)
+        local = -scores.entropy if self.args.method == "entropy-reward" else scores.self_certainty
+        self._local_rewards = local.tolist()
+        return gather(local.to(torch.float32)[:, None])
+
+    @torch.no_grad()
+    def _rollout_scores(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> SequenceScores:
+        """Each rollout's mean token entropy and self-certainty under the current policy (the one that generated it),
+        and the collapse monitors' statistics: the backbone's hidden states, projected in token chunks; prompts
+        left-padded, completions right-padded. Computed once per generation batch; the logged ``zerosiam/*``
+        monitors come from here."""
+        if self._scores is not None:
+            return self._scores
+        device = self.accelerator.device
+        pad = self.processing_class.pad_token_id
+        width_p = max(len(p) for p in prompt_ids)
+        width_c = max(1, max(len(c) for c in completion_ids))
+        ids = torch.full((len(prompt_ids), width_p + width_c), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        completion_mask = torch.zeros(len(prompt_ids), width_c, dtype=torch.bool)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            ids[i, width_p - len(p) : width_p + len(c)] = torch.tensor(list(p) + list(c))
+            attention[i, width_p - len(p) : width_p + len(c)] = 1
+            completion_mask[i, : len(c)] = True
+        model = self.accelerator.unwrap_model(self.model)
+        hidden = final_hidden_states(model, ids.to(device), attention.to(device))
+        head = causal_lm(model).get_output_embeddings()
+        # row width_p - 1 + t predicts completion token t
+        selected = hidden[:, width_p - 1 : width_p - 1 + width_c]
+        completion_mask = completion_mask.to(device)
+        if not bool(completion_mask.any()):  # every completion empty: nothing to score
+            nan = torch.full((len(prompt_ids),), torch.nan, dtype=torch.float64, device=device)
+            return SequenceScores(nan, nan.clone(), None)
+        self._scores = sequence_scores(selected, completion_mask, head.weight, self.args.loss_temperature,
+                                       self.args.token_chunk_size, self.args.vocab_chunk_size,
+                                       lambda: maybe_gather_lm_head_ctx(head.weight))  # fmt: skip
+        return self._scores
+
+    # ---------------------------------------------------------------- record
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        # the same collapse monitors as the entropy methods, over this batch's rollouts under the current policy
+        ids = [row[mask.bool()].tolist() for row, mask in zip(output["completion_ids"], output["completion_mask"],
+                                                                strict=True)]  # fmt: skip
+        scores = self._rollout_scores(self._rollout_prompt_ids, ids)
+        if scores.monitors is not None:
+            mode = "train" if self.model.training else "eval"
+            for name, value in scores.monitors.metrics("zerosiam/").items():
+                self._metrics[mode][name].append(value)
+        rewards = self._local_rewards or [None] * len(inputs)
+        self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"], {"reward": rewards})
+        self._record_base_nll(output)
+        return output
