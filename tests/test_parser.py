@@ -17,7 +17,9 @@ def test_every_recipe_is_a_valid_config(name):
     # vLLM / bf16 need a GPU machine; the schema check must not
     config = build_config(name, {"use_vllm": "false", "bf16": "false"}, RECIPES)
     assert config.recipe == name and config.output_dir
-    assert config.method in ("zerosiam", "tent")
+    rl = name.startswith(("label-free", "ttrl"))
+    assert config.method == ("majority-vote" if rl else "zerosiam")
+    assert type(config).__name__ == ("LabelFreeConfig" if rl else "ZeroSiamConfig")
 
 
 def test_overrides_and_types():
@@ -72,7 +74,7 @@ def test_resolved_dict_has_no_token():
         ({"num_rollouts": "0"}, "num_rollouts must be > 0"),
         ({"alpha": "-0.5"}, "alpha must be >= 0"),
         ({"lora_r": "2.5"}, "lora_r: expected an integer"),
-        ({"method": "em"}, "method: 'em' is not allowed; allowed: zerosiam, tent"),
+        ({"method": "em"}, "method: 'em' is not allowed; allowed: zerosiam, tent, come, sar, none, majority-vote"),
         ({"predictor": "mlp"}, "predictor: 'mlp' is not allowed; allowed: full, lora"),
         ({"push_to_hub": "maybe"}, "push_to_hub: expected true or false"),
         ({"use_vllm": "true"}, "pip install 'zerosiam-llm[vllm]'"),

@@ -141,3 +141,41 @@ def test_rl_config_errors():
         "LabelFreeConfig", 4, "grpo", 0.3, 0.0)
     with pytest.raises(UserInputError, match="unknown field 'loss_type'"):  # a GRPO field means nothing to Tent
         build_config("smollm2-135m-cpu", {"method": "tent", "loss_type": "grpo"})
+
+
+def test_rl_method_resumes_after_sigkill(tiny_model_dir, tmp_path):
+    """majority-vote, 4 steps straight == 2 steps, SIGKILL, resume: the same rollouts, rewards and losses."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from zerosiam_llm.files import read_jsonl
+
+    train = Path(__file__).resolve().parents[1] / "train.py"
+
+    def cmd(out):
+        extra = ["--max_steps", 4, "--max_completion_length", 40, "--monitor_every", 1000]
+        return [sys.executable, str(train), *_rl_args(tiny_model_dir, out, "majority-vote", *extra)]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(cmd(straight), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoint-2" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "summary.json").exists()
+    subprocess.run(cmd(resumed), check=True, env=env, capture_output=True)
+
+    def record(out):
+        return [(s["step"], s["id"], s["completion"], s["reward"]) for s in read_jsonl(out / "samples.jsonl")]
+
+    assert record(straight) == record(resumed) and {r[0] for r in record(resumed)} == {1, 2, 3, 4}
+    losses = [[m["loss"] for m in read_jsonl(out / "metrics.jsonl") if "loss" in m] for out in (straight, resumed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-9)
