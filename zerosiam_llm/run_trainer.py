@@ -16,6 +16,7 @@ what both TRL trainers have.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -90,6 +91,24 @@ class RunTrainerMixin:
     def planned_steps(self) -> int:
         """The optimisation steps a full run of this config takes (``max_steps``, or epochs x batches per epoch)."""
         return self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+
+    # ---------------------------------------------------------------- generation
+
+    def _generate_single_turn(self, *args, **kwargs):
+        if self.args.decoding != "em-inf" or self.use_vllm:
+            return super()._generate_single_turn(*args, **kwargs)
+        # TRL calls generate on the unwrapped model with its own arguments: EM-INF joins them for this call only
+        from transformers import LogitsProcessorList
+
+        from zerosiam_llm.decoding import EMInfLogitsProcessor
+
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        processors = LogitsProcessorList([EMInfLogitsProcessor()])
+        model.generate = functools.partial(model.generate, logits_processor=processors)
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            del model.generate  # the class's generate again
 
     # ---------------------------------------------------------------- online stream
 

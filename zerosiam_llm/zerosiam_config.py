@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from trl import DistillationConfig
 
+from zerosiam_llm.decoding import DECODINGS
 from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
@@ -171,6 +172,14 @@ class ZeroSiamConfig(DistillationConfig):
     )
     num_rollouts: int = field(
         default=1, metadata={"help": "k: rollouts sampled per prompt (offline protocol). Each is trained on."}
+    )
+
+    decoding: str = field(
+        default="standard",
+        metadata={
+            "help": "How rollouts (and online predictions) are decoded: standard, or em-inf (EM-INF: a few Adam steps "
+            "of each step's logits toward lower entropy, Agarwal et al. 2025; HF generate only, not vLLM)."
+        },
     )
 
     # ---- online protocol ----
@@ -397,6 +406,7 @@ class ZeroSiamConfig(DistillationConfig):
             "answer_style": GOLD_STYLES,
             "model_dtype": ("float32", "bfloat16", "float16"),
             "rollout_dtype": ROLLOUT_DTYPES,
+            "decoding": DECODINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -440,6 +450,10 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError("guard action rollback needs unsharded weights (single GPU or DDP); use warn or stop")
         if self.base_nll_every < 0 or self.healthy_checkpoints < 1 or self.repetition_ngram < 1:
             raise UserInputError("base_nll_every must be >= 0, healthy_checkpoints and repetition_ngram >= 1")
+        if self.use_vllm and self.decoding == "em-inf":
+            raise UserInputError(
+                "decoding em-inf needs HF generate: vLLM runs no HF logits processor; set use_vllm: false"
+            )
         if self.use_vllm:
             from trl.import_utils import is_vllm_available
 

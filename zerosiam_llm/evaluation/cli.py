@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from zerosiam_llm.decoding import DECODINGS
 from zerosiam_llm.errors import UserInputError, run_cli
 from zerosiam_llm.evaluation.compare import run_compare
 from zerosiam_llm.evaluation.run import run_evaluation
@@ -52,6 +53,13 @@ class EvalArguments:
     )
     overwrite: bool = field(default=False, metadata={"help": "delete the results in --output_dir and start over"})
     backend: str = field(default="hf", metadata={"help": "hf or vllm"})
+    decoding: str = field(
+        default="standard",
+        metadata={
+            "help": "standard, or em-inf (EM-INF, Agarwal et al. 2025: a few Adam steps of each step's logits "
+            "toward lower entropy, the reference's defaults; hf backend only)"
+        },
+    )
     dtype: str = field(
         default="auto",
         metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16, float16"},
@@ -85,10 +93,14 @@ class EvalArguments:
         for name in ("grader_timeout", "gpu_memory_utilization"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise UserInputError(f"{name} must be a number > 0, got {getattr(self, name)}")
-        for name, allowed in (("backend", BACKENDS), ("dtype", DTYPES),
+        for name, allowed in (("backend", BACKENDS), ("dtype", DTYPES), ("decoding", DECODINGS),
                               ("instruction_placement", INSTRUCTION_PLACEMENTS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
+        if self.decoding == "em-inf" and self.backend != "hf":
+            raise UserInputError(
+                "decoding em-inf needs --backend hf: vLLM samples in its own engine and runs no HF logits processor"
+            )
 
 
 def eval_parser() -> FieldParser:

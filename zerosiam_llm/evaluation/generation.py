@@ -173,9 +173,14 @@ class HFGenerator(Generator):
     the seed and the batch's first prompt; greedy output does not depend on the seed.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32) -> None:
+    def __init__(self, model, tokenizer, batch_size: int = 32, decoding: str = "standard") -> None:
+        from zerosiam_llm.decoding import DECODINGS
+
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if decoding not in DECODINGS:
+            raise UserInputError(f"decoding: {decoding!r} is not allowed; allowed: {', '.join(DECODINGS)}")
+        self.decoding = decoding
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -201,6 +206,7 @@ class HFGenerator(Generator):
         batch_size: int = 32,
         trust_remote_code: bool = False,
         revision: str | None = None,
+        decoding: str = "standard",
     ) -> HFGenerator:
         """Load a model spec (Hub id, folder, ``.gguf``, ``embedded:...``) plus an optional adapter, merged."""
         from zerosiam_llm.modeling import load_model, load_tokenizer, resolve_model
@@ -213,7 +219,7 @@ class HFGenerator(Generator):
             lm = load_adapter(lm, adapter, merge=True)
         lm.to(device).eval()
         tok = tokenizer if tokenizer is not None else load_tokenizer(source, trust_remote_code)
-        generator = cls(lm, tok, batch_size)
+        generator = cls(lm, tok, batch_size, decoding)
         generator._info.update(dtype=dtype_name, device=device)
         return generator
 
@@ -222,6 +228,8 @@ class HFGenerator(Generator):
         info.setdefault("dtype", str(getattr(self.model, "dtype", "")).replace("torch.", ""))
         info.setdefault("device", str(getattr(self.model, "device", "")))
         info["batch_size"] = self.batch_size
+        if self.decoding != "standard":
+            info["decoding"] = self.decoding
         return info
 
     def _generate(self, prompts: list[str], sampling: SamplingConfig) -> Iterator[tuple[int, list[Completion]]]:
@@ -248,6 +256,13 @@ class HFGenerator(Generator):
         )
         device = next(self.model.parameters()).device
         eos = torch.tensor(self.eos_token_ids, device=device)
+        processors = None
+        if self.decoding == "em-inf":
+            from transformers import LogitsProcessorList
+
+            from zerosiam_llm.decoding import EMInfLogitsProcessor
+
+            processors = LogitsProcessorList([EMInfLogitsProcessor()])
         for start in range(0, len(order), per_call):
             idx = order[start : start + per_call]
             batch = tok(
@@ -260,7 +275,7 @@ class HFGenerator(Generator):
             if not sampling.greedy:
                 torch.manual_seed(prompt_seed(sampling.seed, prompts[idx[0]]))
             with torch.inference_mode():
-                out = self.model.generate(**batch, generation_config=config)
+                out = self.model.generate(**batch, generation_config=config, logits_processor=processors)
             generated = out[:, batch["input_ids"].shape[1] :]
             # Length = tokens before the first end-of-sequence token (finished rows are padded after it).
             is_eos = torch.isin(generated, eos)

@@ -85,6 +85,8 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "instruction": args.instruction,
         "instruction_placement": args.instruction_placement,
+        # recorded only when not standard: run folders written before EM-INF existed stay resumable
+        **({"decoding": args.decoding} if getattr(args, "decoding", "standard") != "standard" else {}),
     }
 
 
@@ -149,6 +151,7 @@ def _prepare_run_dir(
     record = {"format": RUN_FORMAT, **run, "benchmarks": {}}
     if previous is not None:
         changed = [k for k in run if previous.get(k) != run[k]]
+        changed += [k for k in ("decoding",) if k in previous and k not in run]  # recorded only when not standard
         for name, settings in benches.items():
             old = previous.get("benchmarks", {}).get(name)
             if old is not None and old.get("settings") != settings:
@@ -300,7 +303,8 @@ def _default_generator_factory(args: argparse.Namespace, tokenizer):
             "tensor_parallel_size": args.tensor_parallel_size,
         }
     else:
-        backend_kwargs = {"device": args.device, "batch_size": args.batch_size}
+        backend_kwargs = {"device": args.device, "batch_size": args.batch_size,
+                          "decoding": getattr(args, "decoding", "standard")}  # fmt: skip
     return make_generator(
         args.backend,
         args.model,
