@@ -256,13 +256,13 @@ class HFGenerator(Generator):
         )
         device = next(self.model.parameters()).device
         eos = torch.tensor(self.eos_token_ids, device=device)
-        processors = None
+        extra = {}
         if self.decoding == "em-inf":
             from transformers import LogitsProcessorList
 
             from zerosiam_llm.decoding import EMInfLogitsProcessor
 
-            processors = LogitsProcessorList([EMInfLogitsProcessor()])
+            extra["logits_processor"] = LogitsProcessorList([EMInfLogitsProcessor()])
         for start in range(0, len(order), per_call):
             idx = order[start : start + per_call]
             batch = tok(
@@ -275,7 +275,7 @@ class HFGenerator(Generator):
             if not sampling.greedy:
                 torch.manual_seed(prompt_seed(sampling.seed, prompts[idx[0]]))
             with torch.inference_mode():
-                out = self.model.generate(**batch, generation_config=config, logits_processor=processors)
+                out = self.model.generate(**batch, generation_config=config, **extra)
             generated = out[:, batch["input_ids"].shape[1] :]
             # Length = tokens before the first end-of-sequence token (finished rows are padded after it).
             is_eos = torch.isin(generated, eos)
