@@ -139,3 +139,19 @@ def test_embedded_model_loads_generates_and_trains(embedded_policy, tmp_path):
         assert all(torch.equal(got[n], trained_lora[n]) for n in got)
     finally:
         reloaded.unload()
+
+
+def test_check_plain_head_refuses_scaled_softcapped_or_biased_logits():
+    from zerosiam_llm.modeling import check_plain_head
+    from zerosiam_llm.testing import build_tiny_causal_lm
+
+    model, _ = build_tiny_causal_lm()
+    check_plain_head(model)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(UserInputError, match=r"transforms its logits \(final_logit_softcapping=30.0\)"):
+        check_plain_head(model)
+    model.config.final_logit_softcapping = None
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    with pytest.raises(UserInputError, match="has an LM-head bias"):
+        check_plain_head(model)

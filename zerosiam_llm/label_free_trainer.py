@@ -28,7 +28,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from zerosiam_llm.card import PAPERS
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.label_free_config import LabelFreeConfig
-from zerosiam_llm.modeling import causal_lm, final_hidden_states
+from zerosiam_llm.modeling import causal_lm, check_plain_head, final_hidden_states
 from zerosiam_llm.objectives import SequenceScores, sequence_scores
 from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward
 from zerosiam_llm.run_trainer import RunTrainerMixin
@@ -63,6 +63,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
     ) -> None:
         if not isinstance(args, LabelFreeConfig):
             raise TypeError("LabelFreeTrainer needs a LabelFreeConfig")
+        check_plain_head(model)  # the rollout scores project hidden states through the head, as the losses do
         if args.method in LOGIT_METHODS:
             reward = _logit_reward_placeholder(args.method)
         else:  # the grader's math equivalence clusters the answers (1/2 and 0.5 are one answer)
@@ -114,7 +115,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         if self._scores is not None:
             return self._scores
         device = self.accelerator.device
-        pad = self.processing_class.pad_token_id
+        pad = getattr(self.processing_class, "pad_token_id", None) or 0  # masked out: any id will do
         width_p = max(len(p) for p in prompt_ids)
         width_c = max(1, max(len(c) for c in completion_ids))
         ids = torch.full((len(prompt_ids), width_p + width_c), pad, dtype=torch.long)

@@ -365,3 +365,26 @@ def load_adapter(model, adapter: str, merge: bool = True, revision: str | None =
         first = first_line(err)
         raise UserInputError(f"cannot load adapter {adapter}: {first}") from None
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+def check_plain_head(model) -> None:
+    """The chunked losses and rollout scores project hidden states through a plain linear head: refuse a model that
+    scales, soft-caps or biases its logits."""
+    lm = causal_lm(model)
+    config = lm.config.get_text_config()
+    for name in (
+        "logit_scale",
+        "final_logit_softcapping",
+        "logits_scaling",
+        "output_multiplier",
+        "lm_head_multiplier",
+    ):
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise UserInputError(
+                f"model {config.model_type} transforms its logits ({name}={value}); the chunked losses and rewards "
+                "support plain linear heads only (Llama, Qwen2/3, Mistral, SmolLM...)"
+            )
+    head = lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserInputError(f"model {config.model_type} has an LM-head bias; only bias-free heads are supported")

@@ -36,6 +36,7 @@ from zerosiam_llm.modeling import (
     PREDICTOR_ATTRIBUTE,
     attach_predictor,
     causal_lm,
+    check_plain_head,
     cpu_supports_bf16,
     get_predictor,
     lm_head_weight,
@@ -70,7 +71,7 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
     ) -> None:
         if not isinstance(args, ZeroSiamConfig):
             raise TypeError("ZeroSiamTrainer needs a ZeroSiamConfig")
-        _check_head_supported(model)
+        check_plain_head(model)
         generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
         if generation_batch % args.num_rollouts:
             raise UserInputError(
@@ -424,24 +425,3 @@ def _check_sam_supported(args: ZeroSiamConfig, sharded: bool, num_processes: int
             "method: sar with sar_rho > 0 under several processes needs gradient_accumulation_steps: 1 (each "
             "micro-batch's two passes would be synchronised out of step); raise per_device_train_batch_size instead"
         )
-
-
-def _check_head_supported(model) -> None:
-    lm = causal_lm(model)
-    config = lm.config.get_text_config()
-    for name in (
-        "logit_scale",
-        "final_logit_softcapping",
-        "logits_scaling",
-        "output_multiplier",
-        "lm_head_multiplier",
-    ):
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise UserInputError(
-                f"model {config.model_type} transforms its logits ({name}={value}); the chunked ZeroSiam loss "
-                "supports plain linear heads only (Llama, Qwen2/3, Mistral, SmolLM...)"
-            )
-    head = lm.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise UserInputError(f"model {config.model_type} has an LM-head bias; only bias-free heads are supported")
