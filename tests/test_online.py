@@ -214,3 +214,23 @@ def test_benchmark_streams_from_local_files(tiny_model_dir, tmp_path, shared_dat
         assert all(r["benchmark"] == stream for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["streams"]) == {"aime24", "math500"}
+
+
+def test_pool_comparisons_counts_runs_together(tmp_path, capsys):
+    from zerosiam_llm.online import pool_main
+
+    def cell(correct, graded):
+        return {"problems": graded, "graded": graded, "correct": correct, "accuracy": correct / graded}
+
+    for seed, counts in ((0, (1, 3)), (1, (2, 5))):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        results = {"none": {"gsm8k": cell(counts[0], 64)}, "tent": {"gsm8k": cell(counts[1], 64)}}
+        (folder / "comparison.json").write_text(json.dumps({"model": "m", "results": results}))
+    assert pool_main([str(tmp_path / "pooled"), str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0
+    pooled = json.loads((tmp_path / "pooled" / "comparison.json").read_text())["results"]
+    assert (pooled["none"]["gsm8k"]["correct"], pooled["none"]["gsm8k"]["graded"]) == (3, 128)
+    assert pooled["tent"]["gsm8k"]["accuracy"] == 8 / 128 and len(pooled["tent"]["gsm8k"]["ci95"]) == 2
+    assert "| tent | 6.2 (8/128) [" in (tmp_path / "pooled" / "comparison.md").read_text()
+    with pytest.raises(UserInputError, match="does not exist"):
+        pool_main([str(tmp_path / "p2"), str(tmp_path / "missing")])

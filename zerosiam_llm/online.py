@@ -160,6 +160,52 @@ def comparison_table(results: dict[str, dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
+def pool_comparisons(runs: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Several comparisons of the same methods and streams (e.g. stream orders) as one: per method and stream, the
+    recorded predictions counted together, with a Wilson interval on the pooled count."""
+    pooled: dict[str, dict[str, dict[str, Any]]] = {}
+    for method in runs[0]:
+        for stream in runs[0][method]:
+            cells = [run.get(method, {}).get(stream) for run in runs]
+            if any(c is None for c in cells):
+                raise UserInputError(f"method {method}, stream {stream} is missing from one of the comparisons")
+            problems = sum(c["problems"] for c in cells)
+            graded = sum(c.get("graded", 0) for c in cells)
+            if not graded:
+                pooled.setdefault(method, {})[stream] = {"problems": problems, "graded": 0, "accuracy": None}
+                continue
+            correct = sum(c["correct"] for c in cells)
+            low, high = wilson_interval(correct, graded)
+            pooled.setdefault(method, {})[stream] = {"problems": problems, "graded": graded, "correct": correct,
+                                                     "accuracy": correct / graded, "ci95": [low, high]}  # fmt: skip
+    return pooled
+
+
+def pool_main(argv: list[str] | None = None) -> int:
+    """``python scripts/pool_comparisons.py OUT DIR [DIR ...]``: pool ``DIR/comparison.json`` files into
+    ``OUT/comparison.md`` / ``.json``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        raise UserInputError("usage: pool_comparisons.py OUT_DIR COMPARISON_DIR [COMPARISON_DIR ...]")
+    out, sources = Path(argv[0]), [Path(a) for a in argv[1:]]
+    runs, model = [], None
+    for source in sources:
+        path = source / "comparison.json"
+        if not path.is_file():
+            raise UserInputError(f"{path} does not exist (a --compare_methods output_dir holds it)")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        runs.append(data["results"])
+        model = data.get("model", model)
+    pooled = pool_comparisons(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"Online protocol, {model}, {len(runs)} runs pooled ({', '.join(str(s) for s in sources)})"
+    atomic_write_text(out / "comparison.md", comparison_table(pooled, title))
+    atomic_write_json(out / "comparison.json", {"model": model, "pooled_from": [str(s) for s in sources],
+                                                "results": pooled})  # fmt: skip
+    print(comparison_table(pooled, title))
+    return 0
+
+
 def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
     """Run each method in its own process (clean GPU memory, resumable) on the same streams; write the table."""
     root = Path(config.output_dir)
