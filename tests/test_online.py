@@ -234,3 +234,17 @@ def test_pool_comparisons_counts_runs_together(tmp_path, capsys):
     assert "| tent | 6.2 (8/128) [" in (tmp_path / "pooled" / "comparison.md").read_text()
     with pytest.raises(UserInputError, match="does not exist"):
         pool_main([str(tmp_path / "p2"), str(tmp_path / "missing")])
+
+
+def test_compare_entropy_and_rl_methods_in_one_command(tiny_model_dir, tmp_path):
+    """compare_overrides gives the RL methods their sampled rollouts while the others stay greedy."""
+    out = tmp_path / "mixed"
+    overrides = '{"rl": {"temperature": 1.0, "num_rollouts": 2}}'
+    assert run(online_args(tiny_model_dir, out, "--compare_methods", "none,majority-vote", "--num_problems", 4,
+                           "--answer_field", "answer", "--compare_overrides", overrides)) == 0  # fmt: skip
+    data = json.loads((out / "comparison.json").read_text())
+    assert list(data["results"]) == ["none", "majority-vote"]
+    greedy, sampled = predictions(out / "none"), predictions(out / "majority-vote")
+    assert "answers" not in greedy[0] and len(sampled[0]["answers"]) == 2 and len(sampled[0]["rewards"]) == 2
+    with pytest.raises(UserInputError, match="compare_overrides: 'rll' is not a method"):
+        build_config("smollm2-135m-online-cpu", {"compare_methods": "none", "compare_overrides": '{"rll": {}}'})

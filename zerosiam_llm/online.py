@@ -210,11 +210,11 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
     """Run each method in its own process (clean GPU memory, resumable) on the same streams; write the table."""
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    base = _strip_flags(argv, ("compare_methods", "method", "output_dir"))
+    base = _strip_flags(argv, ("compare_methods", "compare_overrides", "method", "output_dir"))
     results = {}
     for method in config.compare_methods:
         out = root / method
-        cmd = [*TRAIN_COMMAND, *base, "--method", method, "--output_dir", str(out)]
+        cmd = [*TRAIN_COMMAND, *base, "--method", method, "--output_dir", str(out), *method_overrides(config, method)]
         print(f"[compare] {method}: {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
@@ -224,6 +224,19 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
     atomic_write_text(root / "comparison.md", comparison_table(results, title))
     atomic_write_json(root / "comparison.json", {"model": config.model, "results": results})
     return results
+
+
+def method_overrides(config: ZeroSiamConfig, method: str) -> list[str]:
+    """The ``--field value`` flags ``compare_overrides`` sets for ``method`` (its group's, then its own)."""
+    from zerosiam_llm.rewards import RL_METHODS
+
+    overrides = config.compare_overrides or {}
+    group = "rl" if method in RL_METHODS else "entropy"
+    values = {**overrides.get(group, {}), **overrides.get(method, {})}
+    flags = []
+    for name, value in values.items():
+        flags += [f"--{name}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return flags
 
 
 def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:

@@ -211,6 +211,14 @@ class ZeroSiamConfig(DistillationConfig):
         default=None,
         metadata={"help": "Online: run these methods (e.g. none,tent,zerosiam) on the same streams and compare."},
     )
+    compare_overrides: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Online, with compare_methods: fields set for some methods only, as JSON keyed by method, or rl "
+            "(every RL method) / entropy (every other), e.g. "
+            '\'{"rl": {"temperature": 1.0, "num_rollouts": 4}}\' (the RL methods need sampled rollouts).'
+        },
+    )
 
     # ---- monitors and the collapse guard ----
     guard_rules: list[dict] | str | None = field(
@@ -335,6 +343,16 @@ class ZeroSiamConfig(DistillationConfig):
                 self.guard_rules = yaml.safe_load(self.guard_rules)
             except yaml.YAMLError:
                 raise UserInputError(f"guard_rules: expected a JSON list of rules, got {self.guard_rules!r}") from None
+        if isinstance(self.compare_overrides, str):
+            try:
+                self.compare_overrides = yaml.safe_load(self.compare_overrides)
+            except yaml.YAMLError:
+                self.compare_overrides = None
+                raise UserInputError("compare_overrides: expected a JSON object of method: {field: value}") from None
+        overrides = self.compare_overrides
+        if overrides is not None and not (isinstance(overrides, dict) and all(isinstance(v, dict) for v in
+                                                                              overrides.values())):  # fmt: skip
+            raise UserInputError("compare_overrides: expected a JSON object of method: {field: value}")
         if isinstance(self.lora_target_modules, list):
             names = [n.strip() for item in self.lora_target_modules for n in str(item).split(",") if n.strip()]
             self.lora_target_modules = names[0] if names == ["all-linear"] else names
@@ -362,6 +380,10 @@ class ZeroSiamConfig(DistillationConfig):
         for method in self.compare_methods or []:
             if method not in METHODS:
                 raise UserInputError(f"compare_methods: {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+        for key in self.compare_overrides or {}:
+            if key not in (*METHODS, "rl", "entropy"):
+                raise UserInputError(f"compare_overrides: {key!r} is not a method; allowed: rl, entropy, "
+                                     f"{', '.join(METHODS)}")  # fmt: skip
 
     @property
     def greedy(self) -> bool:
