@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from zerosiam_llm.files import read_jsonl
 from zerosiam_llm.modeling import load_tokenizer, resolve_model
 from zerosiam_llm.online import comparison_table, run_streams, stream_accuracy
 from zerosiam_llm.parser import build_config
+from zerosiam_llm.testing import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -148,14 +147,8 @@ def test_killed_stream_resumes_at_first_unscored_batch(tiny_model_dir, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cmd(tiny_model_dir, straight), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_cmd(tiny_model_dir, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while len(predictions(killed)) < 8:  # two batches scored, four more to come
-        assert proc.poll() is None and time.time() < deadline, "stream ended before it could be killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # two batches scored, four more to come
+    kill_when(_cmd(tiny_model_dir, killed), env, lambda: len(predictions(killed)) >= 8, what="the stream")
     partial = len(predictions(killed))
     assert 8 <= partial < 24
     subprocess.run(_cmd(tiny_model_dir, killed), check=True, env=env, capture_output=True)

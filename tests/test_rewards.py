@@ -146,13 +146,12 @@ def test_rl_config_errors():
 def test_rl_method_resumes_after_sigkill(tiny_model_dir, tmp_path):
     """majority-vote, 4 steps straight == 2 steps, SIGKILL, resume: the same rollouts, rewards and losses."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from zerosiam_llm.files import read_jsonl
+    from zerosiam_llm.testing import kill_when
 
     train = Path(__file__).resolve().parents[1] / "train.py"
 
@@ -163,13 +162,7 @@ def test_rl_method_resumes_after_sigkill(tiny_model_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     subprocess.run(cmd(straight), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (resumed / "checkpoint-2" / "trainer_state.json").is_file():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd(resumed), env, (resumed / "checkpoint-2" / "trainer_state.json").is_file)
     assert not (resumed / "summary.json").exists()
     subprocess.run(cmd(resumed), check=True, env=env, capture_output=True)
 

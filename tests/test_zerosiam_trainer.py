@@ -3,10 +3,8 @@
 import inspect
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from trl import DistillationTrainer
 
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.files import read_jsonl
+from zerosiam_llm.testing import kill_when
 from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,14 +238,7 @@ def test_exact_resume_after_sigkill(tiny_model_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run(_train_cmd(tiny_model_dir, straight, 4), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_model_dir, resumed, 4), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not (resumed / "checkpoint-2" / "trainer_state.json").is_file():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(_train_cmd(tiny_model_dir, resumed, 4), env, (resumed / "checkpoint-2" / "trainer_state.json").is_file)
     assert not (resumed / "summary.json").exists()  # killed mid-run
     subprocess.run(_train_cmd(tiny_model_dir, resumed, 4), check=True, env=env, capture_output=True)
 

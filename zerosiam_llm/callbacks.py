@@ -207,9 +207,7 @@ class CollapseGuardCallback(TrainerCallback):
             saved, source = load_file(str(healthy / "trainable.safetensors")), str(healthy)
         else:  # nothing promoted yet: the weights the run started from (fresh adapter, P = I)
             saved, source = self.trainer._initial_trainable, "the run's initial adapter"
-        with torch.no_grad():
-            for name, param in self._trainable():
-                param.copy_(saved[name].to(param.device, param.dtype))
+        self.trainer.load_trainable(saved)
         logger.warning("collapse guard: restored weights from %s", source)
         return source
 
@@ -242,10 +240,7 @@ class ModelRecoveryCallback(TrainerCallback):
         metrics["sar/resets"].append(float(self.average.resets))
         if not fired:
             return
-        with torch.no_grad():
-            for name, param in trainer.model.named_parameters():
-                if name in trainer._initial_trainable:
-                    param.copy_(trainer._initial_trainable[name])
+        trainer.load_trainable(trainer._initial_trainable)
         trainer.optimizer.state.clear()
         message = (
             f"SAR model recovery at step {state.global_step}: the loss average fell below {self.average.reset_below} "

@@ -7,7 +7,7 @@ step bar, collapse guard) and the card. This subclass overrides only:
 - ``_calculate_rewards``: the vote rewards go through TRL's reward-function API (text only); the logit rewards
   (``entropy-reward``, ``self-certainty``) are computed here from the policy's hidden states of the rollouts, in token
   chunks through the loss module's projection (``objectives.sequence_scores``), without gradient;
-- ``_generate``: keeps the rollouts' prompt token ids for the logit rewards;
+- ``_generate``: keeps the rollouts' prompt and completion token ids for the logit rewards and monitors;
 - ``_generate_and_score_completions``: records each rollout (and its reward) after TRL scored the batch.
 
 Gold answers reach no reward: a data set's ``answer`` column is passed to TRL reward functions as a keyword
@@ -68,7 +68,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
             reward = _logit_reward_placeholder(args.method)
         else:  # the grader's math equivalence clusters the answers (1/2 and 0.5 are one answer)
             reward = VoteReward(args.method, args.num_rollouts, equivalent=lambda a, b: self.grader.equivalent(a, b))
-        self._rollout_prompt_ids: list[list[int]] | None = None
+        self._rollout_ids: tuple[list[list[int]], list[list[int]]] | None = None
         self._scores: SequenceScores | None = None  # this generation batch's, computed once
         self._local_rewards: list[float] | None = None
         super().__init__(
@@ -92,7 +92,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
-        self._rollout_prompt_ids, self._scores = out[0], None
+        self._rollout_ids, self._scores = (out[0], out[1]), None  # prompt and completion token ids, per rollout
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -101,20 +101,25 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
             start = self.accelerator.process_index * len(prompts)  # gathered in process order
             self._local_rewards = rewards[start : start + len(prompts), 0].tolist()
             return rewards
-        scores = self._rollout_scores(self._rollout_prompt_ids, completion_ids_list)
+        scores = self._rollout_scores()
         local = -scores.entropy if self.args.method == "entropy-reward" else scores.self_certainty
         self._local_rewards = local.tolist()
         return gather(local.to(torch.float32)[:, None])
 
     @torch.no_grad()
-    def _rollout_scores(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> SequenceScores:
+    def _rollout_scores(self) -> SequenceScores:
         """Each rollout's mean token entropy and self-certainty under the current policy (the one that generated it),
         and the collapse monitors' statistics: the backbone's hidden states, projected in token chunks; prompts
         left-padded, completions right-padded. Computed once per generation batch; the logged ``zerosiam/*``
         monitors come from here."""
         if self._scores is not None:
             return self._scores
+        prompt_ids, completion_ids = self._rollout_ids
         device = self.accelerator.device
+        if not any(completion_ids):  # every completion empty: nothing to score
+            nan = torch.full((len(prompt_ids),), torch.nan, dtype=torch.float64, device=device)
+            self._scores = SequenceScores(nan, nan.clone(), None)
+            return self._scores
         pad = getattr(self.processing_class, "pad_token_id", None) or 0  # masked out: any id will do
         width_p = max(len(p) for p in prompt_ids)
         width_c = max(1, max(len(c) for c in completion_ids))
@@ -130,11 +135,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         head = causal_lm(model).get_output_embeddings()
         # row width_p - 1 + t predicts completion token t
         selected = hidden[:, width_p - 1 : width_p - 1 + width_c]
-        completion_mask = completion_mask.to(device)
-        if not bool(completion_mask.any()):  # every completion empty: nothing to score
-            nan = torch.full((len(prompt_ids),), torch.nan, dtype=torch.float64, device=device)
-            return SequenceScores(nan, nan.clone(), None)
-        self._scores = sequence_scores(selected, completion_mask, head.weight, self.args.loss_temperature,
+        self._scores = sequence_scores(selected, completion_mask.to(device), head.weight, self.args.loss_temperature,
                                        self.args.token_chunk_size, self.args.vocab_chunk_size,
                                        lambda: maybe_gather_lm_head_ctx(head.weight))  # fmt: skip
         return self._scores
@@ -144,9 +145,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         # the same collapse monitors as the entropy methods, over this batch's rollouts under the current policy
-        ids = [row[mask.bool()].tolist() for row, mask in zip(output["completion_ids"], output["completion_mask"],
-                                                                strict=True)]  # fmt: skip
-        scores = self._rollout_scores(self._rollout_prompt_ids, ids)
+        scores = self._rollout_scores()
         if scores.monitors is not None:
             mode = "train" if self.model.training else "eval"
             for name, value in scores.monitors.metrics("zerosiam/").items():

@@ -40,13 +40,16 @@ def order_stream(problems: list[dict[str, Any]], seed: int | None) -> list[dict[
 def stream_accuracy(predictions: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracy of the recorded predictions with a 95% Wilson interval; unavailable (None) without gold answers."""
     graded = [p for p in predictions if p.get("correct") is not None]
-    out: dict[str, Any] = {"problems": len(predictions), "graded": len(graded)}
+    return _accuracy(len(predictions), len(graded), sum(bool(p["correct"]) for p in graded))
+
+
+def _accuracy(problems: int, graded: int, correct: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"problems": problems, "graded": graded}
     if not graded:
         out.update({"accuracy": None, "correct": None, "ci95": None, "note": "no gold answers: accuracy unavailable"})
         return out
-    correct = sum(bool(p["correct"]) for p in graded)
-    low, high = wilson_interval(correct, len(graded))
-    out.update({"accuracy": correct / len(graded), "correct": correct, "ci95": [low, high]})
+    low, high = wilson_interval(correct, graded)
+    out.update({"accuracy": correct / graded, "correct": correct, "ci95": [low, high]})
     return out
 
 
@@ -169,15 +172,10 @@ def pool_comparisons(runs: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[s
             cells = [run.get(method, {}).get(stream) for run in runs]
             if any(c is None for c in cells):
                 raise UserInputError(f"method {method}, stream {stream} is missing from one of the comparisons")
-            problems = sum(c["problems"] for c in cells)
-            graded = sum(c.get("graded", 0) for c in cells)
-            if not graded:
-                pooled.setdefault(method, {})[stream] = {"problems": problems, "graded": 0, "accuracy": None}
-                continue
-            correct = sum(c["correct"] for c in cells)
-            low, high = wilson_interval(correct, graded)
-            pooled.setdefault(method, {})[stream] = {"problems": problems, "graded": graded, "correct": correct,
-                                                     "accuracy": correct / graded, "ci95": [low, high]}  # fmt: skip
+            pooled.setdefault(method, {})[stream] = _accuracy(
+                sum(c["problems"] for c in cells), sum(c.get("graded", 0) for c in cells),
+                sum(c.get("correct") or 0 for c in cells),
+            )  # fmt: skip
     return pooled
 
 

@@ -234,10 +234,10 @@ class FieldParser(TrlParser):
         hint = f"; did you mean {', '.join(close)}?" if close else f"; see `{self.prog} --help` for the fields"
         return UserInputError(f"unknown field {name!r} in {source}{hint}")
 
-    def read_config(self, path: Path) -> dict[str, Any]:
-        """A YAML config's values, each checked and converted like a command-line value; TRL's ``env:`` mapping is
-        exported to the environment."""
-        raw = load_recipe(path)
+    def read_config(self, path: Path, raw: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A YAML config's values (``raw``: already loaded from ``path``), each checked and converted like a
+        command-line value; TRL's ``env:`` mapping is exported to the environment."""
+        raw = dict(load_recipe(path) if raw is None else raw)
         env = raw.pop("env", None)
         if env is not None:
             if not isinstance(env, dict):
@@ -335,9 +335,9 @@ def parse_config(
         path = resolve_recipe(recipe or default_recipe, recipes_dir)
     else:
         path = None
-    raw_method = load_recipe(path).get("method") if path else None
-    parser = train_parser(config_class_for(_method_in(argv, raw_method)))
-    values = parser.read_config(path) if path else {}
+    raw = load_recipe(path) if path else {}
+    parser = train_parser(config_class_for(_method_in(argv, raw.get("method"))))
+    values = parser.read_config(path, raw) if path else {}
     if path:
         values.setdefault("recipe", path.stem)
     return parser.parse(argv, values)

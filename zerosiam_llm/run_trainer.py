@@ -137,10 +137,7 @@ class RunTrainerMixin:
 
     def reset_stream(self, train_dataset, output_dir: str) -> None:
         """Start a new online stream from the base model: fresh adapter (and P = I), fresh optimizer and state."""
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                if name in self._initial_trainable:
-                    param.copy_(self._initial_trainable[name])
+        self.load_trainable(self._initial_trainable)
         self.optimizer, self.lr_scheduler = None, None
         self._step, self._buffered_inputs = 0, None
         for metrics in self._metrics.values():
@@ -152,6 +149,13 @@ class RunTrainerMixin:
             self.guard_callback.reset()
         if self.use_vllm:
             self._last_loaded_step = -1  # push the reset weights to vLLM before the first prediction
+
+    @torch.no_grad()
+    def load_trainable(self, saved: dict[str, torch.Tensor]) -> None:
+        """Copy saved trainable tensors (by parameter name: the run's start, a healthy checkpoint) into the model."""
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                param.copy_(saved[name].to(param.device, param.dtype))
 
     def _load_guard_state(self, checkpoint: str) -> None:
         guard_state = Path(checkpoint) / GUARD_STATE_FILE

@@ -99,3 +99,21 @@ def build_tiny_causal_lm(
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
     return model, tokenizer
+
+
+def kill_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 300.0, what: str = "the run") -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true (polled), and wait for it: a kill at a chosen point.
+    Fails if the process ends first or ``timeout`` seconds pass."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{what} ended (or timed out) before it could be killed")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
