@@ -1,5 +1,7 @@
 """The chunked ZeroSiam / Tent objectives against a plain float64 full-logits reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -289,7 +291,10 @@ def test_come_holds_the_logit_norm_and_differs_from_tent():
 
 
 def _sar_reference(hidden, mask, weight, margin, temperature, keep=None):
-    """The reference code's ``entropys[entropys < E0].mean()`` over full logits, E0 = margin ln V."""
+    """The reference code's ``entropys[entropys < E0].mean()`` over full logits, E0 = margin ln V: mr-eggplant/SAR @
+    20f6e24b17525f34503510afccedc0629b67b7c4, ``sar.py`` L64-67 (``softmax_entropy``), L80-83 (first pass:
+    ``filter_ids_1 = torch.where(entropys < margin)``, ``loss = entropys.mean(0)``) and L87-91 (second pass: the
+    first pass's survivors, filtered again with ``< margin``)."""
     z = hidden[mask] @ weight.T / temperature
     entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
     reliable = entropy < margin * torch.log(torch.tensor(float(weight.shape[0])))
@@ -308,7 +313,8 @@ def test_sar_loss_matches_the_reference_filter_and_gradient(token_chunk, monkeyp
     scale = torch.linspace(0.02, 1.5, hidden.shape[1], dtype=torch.float64)[None, :, None]
     hidden = (hidden * scale).requires_grad_(True)
     margin, temperature = 0.9, 0.8
-    out = sar_loss(hidden, mask, weight, margin, temperature=temperature, token_chunk=token_chunk, vocab_chunk=17)
+    out = sar_loss(hidden, mask, weight, margin, temperature=temperature, token_chunk=token_chunk, vocab_chunk=17,
+                   margin_unit="ln_v")  # fmt: skip
     out.loss.backward()
     got = hidden.grad.clone()
     hidden.grad = None
@@ -325,7 +331,7 @@ def test_sar_loss_matches_the_reference_filter_and_gradient(token_chunk, monkeyp
     keep = reliable.clone()
     keep[torch.nonzero(keep)[0]] = False
     hidden.grad = None
-    second = sar_loss(hidden, mask, weight, margin, keep=keep, temperature=temperature)
+    second = sar_loss(hidden, mask, weight, margin, keep=keep, temperature=temperature, margin_unit="ln_v")
     second.loss.backward()
     got = hidden.grad.clone()
     hidden.grad = None
@@ -338,7 +344,7 @@ def test_sar_loss_matches_the_reference_filter_and_gradient(token_chunk, monkeyp
 def test_sar_loss_without_a_reliable_token_is_zero_and_keep_is_checked():
     hidden, weight, mask = _inputs(seed=3)
     hidden = (hidden * 1e-4).requires_grad_(True)  # near-uniform: every entropy ~ ln V
-    out = sar_loss(hidden, mask, weight, margin=0.5)
+    out = sar_loss(hidden, mask, weight, margin=0.5, margin_unit="ln_v")
     out.loss.backward()
     assert out.kept_share == 0 and out.loss.item() == 0 and hidden.grad.abs().max() == 0
     with pytest.raises(UserInputError, match="keep must have one entry per selected token"):
@@ -347,6 +353,45 @@ def test_sar_loss_without_a_reliable_token_is_zero_and_keep_is_checked():
         sar_loss(hidden, mask, weight, margin=0)
     # num_items (several micro-batches): the mean over kept tokens, scaled by this batch's share of the tokens
     h2 = hidden.detach() * 1e4
-    full = sar_loss(h2, mask, weight, margin=0.9)
-    scaled = sar_loss(h2, mask, weight, margin=0.9, num_items=2 * int(mask.sum()))
+    full = sar_loss(h2, mask, weight, margin=0.9, margin_unit="ln_v")
+    scaled = sar_loss(h2, mask, weight, margin=0.9, num_items=2 * int(mask.sum()), margin_unit="ln_v")
     assert scaled.loss.item() == pytest.approx(full.loss.item() / 2)
+
+
+@pytest.mark.parametrize("token_chunk", [3, None])
+def test_sar_margin_units_quantile_and_nats(token_chunk, monkeypatch):
+    """E0 as a per-batch quantile of the token entropies (over ``keep``) or in nats: the same reference filter,
+    loss and gradient float64-exact; the E0 used is reported in nats; the SAM pass reuses it in nats."""
+    monkeypatch.setattr(objectives, "_CPU_BLOCK_BYTES", 2 * V * 8)
+    hidden, weight, mask = _inputs(seed=22, dtype=torch.float64)
+    scale = torch.linspace(0.02, 1.5, hidden.shape[1], dtype=torch.float64)[None, :, None]
+    hidden = (hidden * scale).requires_grad_(True)
+    z = hidden[mask].detach() @ weight.T
+    entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    e0 = torch.quantile(entropy, 0.6).item()
+    out = sar_loss(hidden, mask, weight, 0.6, token_chunk=token_chunk, vocab_chunk=17, margin_unit="quantile")
+    out.loss.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref, reliable = _sar_reference(hidden, mask, weight, e0 / math.log(V), 1.0)  # the same E0, in ln V units
+    ref.backward()
+    assert out.entropy_below == pytest.approx(e0, rel=1e-12) and torch.equal(out.kept, reliable)
+    assert out.kept_share == pytest.approx(int(reliable.sum()) / int(mask.sum()))
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(got, hidden.grad, rtol=1e-10, atol=1e-12)
+    # nats: E0 given directly; the quantile's E0 in nats selects the same tokens
+    nats = sar_loss(hidden.detach(), mask, weight, e0, margin_unit="nats")
+    assert torch.equal(nats.kept, reliable) and nats.entropy_below == e0
+    # with keep, the quantile ranks the kept tokens only (ranking every token is the wrong variant)
+    keep = torch.zeros_like(reliable)
+    keep[::2] = True
+    within = sar_loss(hidden.detach(), mask, weight, 0.5, keep=keep, margin_unit="quantile")
+    assert within.entropy_below == pytest.approx(torch.quantile(entropy[keep], 0.5).item(), rel=1e-12)
+    assert within.entropy_below != pytest.approx(torch.quantile(entropy, 0.5).item(), rel=1e-6)
+    assert torch.equal(within.kept, keep & (entropy < within.entropy_below))
+    everything = sar_loss(hidden.detach(), mask, weight, 1.0, margin_unit="quantile")
+    assert everything.kept_share == 1.0
+    with pytest.raises(UserInputError, match="sar_margin must be > 0"):
+        sar_loss(hidden, mask, weight, 1.5, margin_unit="quantile")
+    with pytest.raises(UserInputError, match="sar_margin_unit"):
+        sar_loss(hidden, mask, weight, 0.5, margin_unit="percent")

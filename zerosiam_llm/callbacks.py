@@ -5,7 +5,6 @@ step progress bar, and the collapse guard with its healthy checkpoints; and the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -222,18 +221,20 @@ class ModelRecoveryCallback(TrainerCallback):
         from zerosiam_llm.sar import RecoveryAverage
 
         self.trainer = trainer
-        self.average = RecoveryAverage(trainer.args.sar_ema_decay, trainer.args.sar_reset_below)
+        args = trainer.args
+        self.average = RecoveryAverage(args.sar_ema_decay, args.sar_reset_below, args.sar_reset_unit)
 
     def reset(self) -> None:
         self.average.reset()
 
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
-        loss, trainer.sar_last_loss = trainer.sar_last_loss, None
-        if trainer.accelerator.num_processes > 1:  # one decision for every process: the mean of the finite losses
-            local = [loss, 1.0] if loss is not None and math.isfinite(loss) else [0.0, 0.0]
-            total = trainer.accelerator.reduce(torch.tensor(local, device=trainer.accelerator.device), "sum")
-            loss = float(total[0] / total[1]) if total[1] > 0 else None
+        # the update's loss: the mean over every kept token of its micro-batches (and processes), so each rank decides
+        # alike and gradient accumulation does not leave the earlier micro-batches out
+        local, trainer.sar_step_loss = trainer.sar_step_loss, [0.0, 0.0]
+        if trainer.accelerator.num_processes > 1:
+            local = trainer.accelerator.reduce(torch.tensor(local, device=trainer.accelerator.device), "sum").tolist()
+        loss = local[0] / local[1] if local[1] > 0 else None
         fired = self.average.update(loss)
         metrics = trainer._metrics["train"]
         metrics["sar/loss_ema"].append(self.average.ema if self.average.ema is not None else float("nan"))
@@ -242,13 +243,14 @@ class ModelRecoveryCallback(TrainerCallback):
             return
         trainer.load_trainable(trainer._initial_trainable)
         trainer.optimizer.state.clear()
+        below = self.average.threshold
         message = (
-            f"SAR model recovery at step {state.global_step}: the loss average fell below {self.average.reset_below} "
-            f"(last loss {loss:.4g}); the adapter is back at its start and the optimizer state cleared"
+            f"SAR model recovery at step {state.global_step}: the loss average fell below {below:.4g} (last loss "
+            f"{loss:.4g}); the adapter is back at its start and the optimizer state cleared"
         )
         logger.warning(message)
         if state.is_world_process_zero and args.output_dir:
-            event = {"step": state.global_step, "metric": "sar/loss_ema", "condition": f"< {self.average.reset_below}",
+            event = {"step": state.global_step, "metric": "sar/loss_ema", "condition": f"< {below:.4g}",
                      "value": loss, "action": "reset", "lr_factor": None, "message": message}  # fmt: skip
             append_jsonl(Path(args.output_dir) / GUARD_EVENTS_FILE, [event])
 

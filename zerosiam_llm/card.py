@@ -147,6 +147,13 @@ def _use_section(args) -> str:
     ])  # fmt: skip
 
 
+def _sar_threshold(args) -> str:
+    unit = args.sar_margin_unit
+    if unit == "quantile":
+        return f"the {args.sar_margin:g}-quantile of each batch's token entropies"
+    return f"{args.sar_margin:g} ln V" if unit == "ln_v" else f"{args.sar_margin:g} nats"
+
+
 def _training_section(args, metrics: list[dict]) -> str:
     method = {
         "zerosiam": "ZeroSiam",
@@ -164,9 +171,9 @@ def _training_section(args, metrics: list[dict]) -> str:
         "solutions.",
         "come": ", taken over a Dirichlet opinion with an uncertainty mass (COME), with the logit norm held fixed in "
         "the backward pass.",
-        "sar": f" over the reliable tokens only (entropy below {args.sar_margin} ln V), minimised sharpness-aware "
+        "sar": f" over the reliable tokens only (entropy below {_sar_threshold(args)}), minimised sharpness-aware "
         f"(SAM, rho = {args.sar_rho}), with the adapter reset when the loss average falls below "
-        f"{args.sar_reset_below} (SAR).",
+        f"{args.sar_reset_below}{' x the first loss' if args.sar_reset_unit == 'initial' else ' nats'} (SAR).",
     }.get(args.method, ".")
     signal = f"the loss is the model's own token entropy{loss}"
     if args.method in PAPERS and args.method not in ("zerosiam", "come", "sar", "tent"):  # the RL methods

@@ -49,6 +49,8 @@ class ObjectiveOutput:
     kept_share: float = 1.0  # share of tokens in the loss (< 1 only under SAR's reliable-entropy filter)
     kept: torch.Tensor | None = None  # [N] bool, the tokens in the loss (SAR's second pass keeps only these)
     kept_loss: float = math.nan  # the summed loss / the kept tokens, before any num_items rescaling (SAR's recovery)
+    kept_total: float = 0.0  # the summed loss over the kept tokens (SAR's recovery averages a whole step's)
+    entropy_below: float | None = None  # SAR's E0 in nats, when a threshold was set
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """The statistics as a flat dict, e.g. for ``Trainer.log``."""
@@ -115,12 +117,14 @@ def _check_loss_args(weight: torch.Tensor, temperature: float, token_chunk: int 
 
 def _fused_pass(
     h_online, h_target, weight, weights, temperature, token_chunk, vocab_chunk, want_grad, entropy_below=None,
-    keep=None,
+    keep=None, entropy_quantile=None,
 ):
     """``sum_t w_h H(p_o) + w_ro KL(p_r||p_o) + w_or KL(p_o||p_r)``, its statistics and gradient w.r.t. ``h_online``.
 
     With ``entropy_below`` (SAR), only tokens with ``H(p_o) < entropy_below`` (and ``keep``, when given) are summed and
-    receive a gradient; the statistics still cover every token.
+    receive a gradient; the statistics still cover every token. With ``entropy_quantile`` q instead, the threshold is
+    the q-quantile of this pass's ``H(p_o)`` (over the ``keep`` tokens), known only after the pass: the gradient rows
+    of the tokens it leaves out are zeroed then (each row of ``dl/dh`` is one token's).
 
     One pass per token chunk: project both branches over the whole vocabulary into two reused ``[chunk, V]`` tiles
     (one for Tent), reduce the statistics and, when a gradient is wanted, overwrite the online tile with ``dl/dz_o``
@@ -206,6 +210,12 @@ def _fused_pass(
             _back_project(z_o, weight, grad[sl], vocab_chunk)
     if want_grad:
         grad.mul_(inv_t)
+    if entropy_quantile is not None:
+        threshold = quantile_threshold(stats[Stat.ENTROPY_ONLINE], stats[Stat.KEPT] > 0, entropy_quantile)
+        stats[Stat.KEPT] *= stats[Stat.ENTROPY_ONLINE] < threshold
+        if want_grad:
+            grad[stats[Stat.KEPT] == 0] = 0.0
+        filtered = True
     kept = stats[Stat.KEPT] if filtered else 1.0
     total = (w_h * stats[Stat.ENTROPY_ONLINE] * kept).sum()
     if w_ro:
@@ -213,6 +223,16 @@ def _fused_pass(
     if w_or:
         total = total + w_or * (stats[Stat.KL_ONLINE_TARGET] * kept).sum()
     return total, stats, grad
+
+
+def quantile_threshold(entropy: torch.Tensor, keep: torch.Tensor, q: float) -> float:
+    """SAR's per-batch E0 in quantile form: the q-quantile (linear interpolation) of the entropies of the ``keep``
+    tokens; tokens strictly below it are reliable, as the reference's ``entropys < margin``. ``inf`` at q = 1 (every
+    token kept), ``-inf`` when nothing is left to rank."""
+    if q >= 1:
+        return math.inf
+    values = entropy[keep]
+    return float(torch.quantile(values.double(), q)) if values.numel() else -math.inf
 
 
 _TILE_BYTES = 128 * 2**20  # default logits tile when no token chunk is given
@@ -291,6 +311,7 @@ def siamese_entropy(
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
     entropy_below: float | None = None,
     keep: torch.Tensor | None = None,
+    entropy_quantile: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted sum over rows ``[N, d]`` of ``(H(p_o), KL(p_r||p_o), KL(p_o||p_r))``, and per-token statistics.
 
@@ -299,7 +320,8 @@ def siamese_entropy(
     ``W h``, the target branch's top-1 probability, the logsumexp and the mean of its (tempered) logits, and whether
     the token is in the sum. ``h_target`` is detached: the target branch never receives a gradient.
     ``h_target=None`` is Tent: one branch, both divergences 0, H(p_r) = H(p_o). ``entropy_below`` / ``keep`` ([N]
-    bool) leave tokens out of the sum (SAR's filter): those with ``H(p_o) >= entropy_below`` or ``keep`` False.
+    bool) leave tokens out of the sum (SAR's filter): those with ``H(p_o) >= entropy_below`` or ``keep`` False;
+    ``entropy_quantile`` q sets the threshold to the q-quantile of the batch's ``H(p_o)`` (:func:`quantile_threshold`).
     ``token_chunk`` is the most tokens per chunk (the chunks are made equal); ``None``: as many as fit one fp32
     ``[chunk, V]`` tile in 128 MiB.
     """
@@ -312,9 +334,8 @@ def siamese_entropy(
     keep = None if keep is None else keep.to(h_online.device).bool()
 
     def run():
-        return _fused_pass(
-            h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad, margin, keep
-        )
+        return _fused_pass(h_online, target, weight, weights, float(temperature), token_chunk, vocab_chunk, want_grad,
+                           margin, keep, entropy_quantile)  # fmt: skip
 
     return _GradientInForward.apply(h_online, run, gather)
 
@@ -404,6 +425,7 @@ def _objective_output(
             kept_share=n_kept / n,
             kept=kept,
             kept_loss=total.item() / n_kept if n_kept else math.nan,
+            kept_total=total.item(),
         )
 
 
@@ -431,22 +453,32 @@ def sar_loss(
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     token_chunk: int | None = None,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
+    margin_unit: str = "ln_v",
 ) -> ObjectiveOutput:
-    """SAR's reliable entropy (Niu et al., ICLR 2023): the mean token entropy over the tokens with ``H(p) < E0``,
-    ``E0 = margin * ln V`` (0.4 ln 1000 in the reference, with V classes), and ``keep`` when given (the second, SAM
-    pass keeps only the tokens reliable in the first). ``out.kept`` says which tokens were in the loss. Sharpness-aware
-    minimisation and model recovery are steps of the trainer (``sar.py``), not of the loss.
+    """SAR's reliable entropy (Niu et al., ICLR 2023): the mean token entropy over the tokens with ``H(p) < E0``, and
+    ``keep`` when given (the second, SAM pass keeps only the tokens reliable in the first). ``E0`` by ``margin_unit``:
+    ``ln_v`` = ``margin * ln V`` (the reference's form, 0.4 ln 1000 with its 1000 classes), ``nats`` = ``margin``,
+    ``quantile`` = the ``margin``-quantile of this batch's token entropies (over ``keep``). ``out.kept`` says which
+    tokens were in the loss and ``out.entropy_below`` the E0 used, in nats. Sharpness-aware minimisation and model
+    recovery are steps of the trainer (``sar.py``), not of the loss.
     """
-    if not margin > 0:
-        raise UserInputError(f"sar_margin must be > 0, got {margin}")
+    if not margin > 0 or (margin_unit == "quantile" and margin > 1):
+        raise UserInputError(f"sar_margin must be > 0 (and <= 1 as a quantile), got {margin}")
     h = _selected_rows(hidden, mask)
     if keep is not None and keep.shape != (h.shape[0],):
         raise UserInputError(f"keep must have one entry per selected token ({h.shape[0]}), got {tuple(keep.shape)}")
-    entropy_below = margin * math.log(lm_head_weight.shape[0])
-    total, stats = siamese_entropy(
-        h, None, lm_head_weight, (1.0, 0.0, 0.0), temperature, token_chunk, vocab_chunk, gather, entropy_below, keep
-    )
-    return _objective_output(total, stats, num_items, mean_over_kept=True)
+    units = {"ln_v": margin * math.log(lm_head_weight.shape[0]), "nats": margin, "quantile": None}
+    if margin_unit not in units:
+        raise UserInputError(f"sar_margin_unit must be one of {', '.join(units)}, got {margin_unit!r}")
+    entropy_below, quantile = units[margin_unit], margin if margin_unit == "quantile" else None
+    total, stats = siamese_entropy(h, None, lm_head_weight, (1.0, 0.0, 0.0), temperature, token_chunk, vocab_chunk,
+                                   gather, entropy_below, keep, quantile)  # fmt: skip
+    out = _objective_output(total, stats, num_items, mean_over_kept=True)
+    if quantile is not None:
+        ranked = torch.ones_like(out.kept) if keep is None else keep.to(out.kept.device).bool()
+        entropy_below = quantile_threshold(stats[Stat.ENTROPY_ONLINE], ranked, quantile)
+    out.entropy_below = entropy_below
+    return out
 
 
 @dataclass

@@ -22,6 +22,7 @@ from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
 from zerosiam_llm.rewards import RL_METHODS
+from zerosiam_llm.sar import MARGIN_UNITS, RESET_UNITS
 
 ENTROPY_METHODS = ("zerosiam", "tent", "come", "sar", "none")  # ZeroSiamTrainer's (none: the online baseline)
 METHODS = ENTROPY_METHODS + RL_METHODS  # RL_METHODS: LabelFreeTrainer's (label_free_config.py)
@@ -115,10 +116,18 @@ class ZeroSiamConfig(DistillationConfig):
         default=0.0, metadata={"help": "Weight decay of the predictor's delta (pulls P towards I, not towards 0)."}
     )
     sar_margin: float = field(
-        default=0.4,
+        default=0.8,
         metadata={
-            "help": "SAR's reliable-entropy filter: tokens whose entropy is at least sar_margin x ln V (V = vocabulary"
-            " size) are left out of the loss (reference: 0.4)."
+            "help": "SAR's reliable-entropy threshold E0, in sar_margin_unit: tokens with entropy >= E0 are left out "
+            "of the loss. Default: the 0.8-quantile of each batch (the top-entropy fifth dropped; README, 'SAR on "
+            "LLMs'). The reference's 0.4 x ln V (sar_margin_unit: ln_v) keeps 99.9% of this model's tokens."
+        },
+    )
+    sar_margin_unit: str = field(
+        default="quantile",
+        metadata={
+            "help": "Unit of sar_margin: quantile (E0 = that quantile of the batch's token entropies, per micro-batch "
+            "and process; in (0, 1]), nats (E0 = sar_margin), or ln_v (E0 = sar_margin x ln V, the reference's form)."
         },
     )
     sar_rho: float = field(
@@ -131,11 +140,24 @@ class ZeroSiamConfig(DistillationConfig):
         default=0.2,
         metadata={
             "help": "SAR's model recovery: reset the adapter to its start when the moving average of the loss falls "
-            "below this (reference: 0.2); 0 disables."
+            "below this, in sar_reset_unit (default 0.2 x the stream's first loss; the reference: 0.2 nats); 0 "
+            "disables."
+        },
+    )
+    sar_reset_unit: str = field(
+        default="initial",
+        metadata={
+            "help": "Unit of sar_reset_below: initial (a fraction of the stream's first loss) or nats (the "
+            "reference's form, which a low-entropy reasoning model crosses at once and this model never)."
         },
     )
     sar_ema_decay: float = field(
-        default=0.9, metadata={"help": "Decay of the loss moving average SAR's model recovery reads (reference: 0.9)."}
+        default=0.5,
+        metadata={
+            "help": "Decay of the loss moving average SAR's model recovery reads. The reference's 0.9 suits its "
+            "hundreds of batches; on a 16-update stream it cannot fall below 0.2 x its start even if the loss drops "
+            "to 0 at once (0.9^15 = 0.21), so the reset would never fire (README, 'SAR on LLMs')."
+        },
     )
     predictor_max_grad_norm: float = field(
         default=1.0,
@@ -429,6 +451,8 @@ class ZeroSiamConfig(DistillationConfig):
             "model_dtype": ("float32", "bfloat16", "float16"),
             "rollout_dtype": ROLLOUT_DTYPES,
             "decoding": DECODINGS,
+            "sar_margin_unit": MARGIN_UNITS,
+            "sar_reset_unit": RESET_UNITS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -461,6 +485,8 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError(f"max_prompt_length must be > 0 or null, got {self.max_prompt_length}")
         if self.num_problems is not None and self.num_problems <= 0:
             raise UserInputError(f"num_problems must be > 0 or null, got {self.num_problems}")
+        if self.sar_margin_unit == "quantile" and self.sar_margin > 1:
+            raise UserInputError(f"sar_margin must be in (0, 1] with sar_margin_unit: quantile, got {self.sar_margin}")
         if not 0 <= self.sar_ema_decay < 1:
             raise UserInputError(f"sar_ema_decay must be in [0, 1), got {self.sar_ema_decay}")
         if not self.lora_dropout < 1:

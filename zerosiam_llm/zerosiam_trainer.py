@@ -103,9 +103,9 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         self.nonfinite_total = 0
         self._setup_run(grader)
         # SAR: which pass of the sharpness-aware step runs (0: none, 1: at w, 2: at w + e), its rollouts and the
-        # tokens the first pass kept; the last loss feeds the model recovery
-        self._sam_pass, self._sam_inputs, self._sam_kept = 0, None, None
-        self.sar_last_loss: float | None = None
+        # tokens (and E0) the first pass kept; the step's summed loss and kept tokens feed the model recovery
+        self._sam_pass, self._sam_inputs, self._sam_kept, self._sam_threshold = 0, None, None, None
+        self.sar_step_loss: list[float] = [0.0, 0.0]  # [sum of the update's loss over its kept tokens, kept tokens]
         self.recovery_callback = None
         if args.method == "sar" and args.sar_reset_below > 0:
             self.recovery_callback = ModelRecoveryCallback(self)
@@ -211,7 +211,7 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
                 else:
                     self._current_train_step_time += elapsed
         finally:
-            self._sam_pass, self._sam_inputs = 0, None
+            self._sam_pass, self._sam_inputs, self._sam_kept, self._sam_threshold = 0, None, None, None
             for p, grad in zip(params, held, strict=True):
                 if grad is not None:
                     p.grad = grad if p.grad is None else p.grad.add_(grad)
@@ -273,12 +273,17 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         if self.args.method == "come":
             out = come_loss(hidden, loss_mask, weight, **common)
         elif self.args.method == "sar":
-            keep = self._sam_kept if self._sam_pass == 2 else None
-            out = sar_loss(hidden, loss_mask, weight, self.args.sar_margin, keep, **common)
+            if self._sam_pass == 2:  # the first pass's reliable tokens and E0 (a per-batch quantile is not re-ranked)
+                out = sar_loss(hidden, loss_mask, weight, self._sam_threshold, self._sam_kept, margin_unit="nats",
+                               **common)  # fmt: skip
+            else:
+                out = sar_loss(hidden, loss_mask, weight, self.args.sar_margin, margin_unit=self.args.sar_margin_unit,
+                               **common)  # fmt: skip
             if self._sam_pass == 1:
-                self._sam_kept = out.kept
-            elif mode == "train":  # the loss the update is taken on: SAR's recovery average follows it
-                self.sar_last_loss = out.kept_loss
+                self._sam_kept, self._sam_threshold = out.kept, out.entropy_below
+            elif mode == "train":  # the loss the update is taken on, every micro-batch: SAR's recovery follows it
+                self.sar_step_loss[0] += out.kept_total
+                self.sar_step_loss[1] += float(out.kept.sum())
             if self._sam_pass == 2:  # the perturbed model's statistics are not the run's
                 n = torch.tensor(float(out.num_tokens), device=hidden.device)
                 return out.loss, torch.zeros((), device=hidden.device), n
