@@ -119,6 +119,11 @@ def test_torn_checkpoint_is_ignored(tmp_path):
             (folder / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
     assert last_complete_checkpoint(tmp_path / "missing") is None
+    # killed while HF wrote trainer_state.json (opened, not yet or not fully written): not complete either
+    for step, text in ((8, ""), (10, '{"global_step": 1')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

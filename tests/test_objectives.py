@@ -257,8 +257,10 @@ def test_bad_input():
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 @pytest.mark.parametrize("token_chunk", [3, None])
 def test_come_matches_the_reference_code(num_classes, temperature, token_chunk):
-    """The fused chunked COME loss and its gradient equal the reference code's formula (full logits, norm held fixed
-    through .detach(), autograd) in float64, for K = vocabulary size and other K."""
+    """The fused chunked COME loss equals the reference code's value with its epsilon, its gradient the exact form's
+    (full logits, norm held fixed through .detach(), autograd), in float64, for K = vocabulary size and other K.
+    Reference: BlueWhaleLab/COME @ 409a19b71f62c765b1a5be62347a9455524ec176, ``tent_come.py`` L45-52
+    (``dirichlet_entropy``) and L59-66 (``loss.mean(0)``)."""
     hidden, weight, mask = _inputs(seed=11)
     hidden = hidden.double().requires_grad_(True)
     weight = weight.double()
@@ -269,7 +271,10 @@ def test_come_matches_the_reference_code(num_classes, temperature, token_chunk):
     hidden.grad = None
     ref = come_reference(hidden[mask], weight, num_classes, temperature).mean()
     ref.backward()
-    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    with_eps = come_reference(hidden[mask].detach(), weight, num_classes, temperature, eps=1e-7).mean()
+    assert out.loss.item() == pytest.approx(with_eps.item(), rel=1e-12)  # the logged value: the reference's
+    assert out.opinion_entropy_exact == pytest.approx(ref.item(), rel=1e-12)
+    assert abs(out.loss.item() - ref.item()) > 1e-5  # the exact form (the wrong variant for the value) differs
     torch.testing.assert_close(got, hidden.grad, rtol=1e-10, atol=1e-12)
     # the monitors see the softmax, as for Tent: H(p_o) = H(p_r), no divergence
     tent = tent_loss(hidden.detach(), mask, weight, temperature)
@@ -282,7 +287,7 @@ def test_come_holds_the_logit_norm_and_differs_from_tent():
     hidden, weight, mask = _inputs(seed=12)
     h = hidden[mask].double().requires_grad_(True)
     z = (h @ weight.double().T).detach().requires_grad_(True)
-    total, _ = come_entropy(z, torch.eye(z.shape[1], dtype=torch.float64))  # identity head: the gradient is dH/dz
+    total, _, _ = come_entropy(z, torch.eye(z.shape[1], dtype=torch.float64))  # identity head: the gradient is dH/dz
     total.backward()
     assert (z.grad * z).sum(-1).abs().max() < 1e-10
     small = hidden.double() * 0.02  # logits of norm ~2: sum exp(z) is comparable to K, the uncertainty mass matters

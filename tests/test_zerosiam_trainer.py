@@ -15,7 +15,7 @@ from trl import DistillationTrainer
 
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.files import read_jsonl
-from zerosiam_llm.testing import kill_when
+from zerosiam_llm.testing import run_killed_after_checkpoint
 from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_exact_resume_after_sigkill(tiny_model_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run(_train_cmd(tiny_model_dir, straight, 4), check=True, env=env, capture_output=True)
-    kill_when(_train_cmd(tiny_model_dir, resumed, 4), env, (resumed / "checkpoint-2" / "trainer_state.json").is_file)
+    run_killed_after_checkpoint(_train_cmd(tiny_model_dir, resumed, 4)[2:], env, step=2)  # right after checkpoint-2
     assert not (resumed / "summary.json").exists()  # killed mid-run
     subprocess.run(_train_cmd(tiny_model_dir, resumed, 4), check=True, env=env, capture_output=True)
 

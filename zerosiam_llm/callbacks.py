@@ -4,6 +4,7 @@ step progress bar, and the collapse guard with its healthy checkpoints; and the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -263,8 +264,9 @@ class ModelRecoveryCallback(TrainerCallback):
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` that was fully written (HF writes ``trainer_state.json`` last); a checkpoint torn
-    by a kill mid-save is skipped."""
+    """The newest ``checkpoint-N`` that was fully written (HF writes ``trainer_state.json`` last, not atomically: a
+    kill while it is written leaves it empty or cut, so it must parse); a checkpoint torn by a kill mid-save is
+    skipped."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     output_dir = Path(output_dir)
@@ -273,8 +275,16 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     complete = []
     for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+        if suffix.isdigit() and _parses(path / "trainer_state.json"):
             complete.append((int(suffix), path))
         elif suffix.isdigit():
             logger.warning("ignoring incomplete checkpoint %s (killed while saving)", path)
     return str(max(complete)[1]) if complete else None
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True

@@ -225,11 +225,12 @@ def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str
                   f"has {left} (answered, scored and trained on like the others)")  # fmt: skip
         return
     per_batch = (
-        config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes // config.num_rollouts
+        config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes
+        // config.rollouts_per_prompt
     )
     how = (
         f"per_device_train_batch_size {config.per_device_train_batch_size} x gradient_accumulation_steps "
-        f"{config.gradient_accumulation_steps} / num_rollouts {config.num_rollouts}"
+        f"{config.gradient_accumulation_steps} / rollouts per prompt {config.rollouts_per_prompt}"
     )
     if num_processes > 1:
         how += f" x {num_processes} processes"

@@ -3,21 +3,80 @@ Minimization in LLM Reasoning"), as a logits processor for HF ``generate``.
 
 Before each token is chosen, the step's logits ``z`` take a few Adam steps on ``H(softmax(z)) + kl_weight *
 KL(p_0 || softmax(z))`` (``p_0``: the model's own distribution at that step); a row stops as soon as its entropy is
-below ``threshold``. The defaults are the reference code's (``ent_sample``: lr 0.1, 5 steps, KL weight 0.001,
-threshold 0.3), applied per row, as the reference does with its batch of one. The gradient is written out (no
-autograd), so it runs inside ``torch.inference_mode``:
+below ``threshold``. The defaults are the reference code's (shivamag125/EM_PT @ 91cda30b, ``eval/utils/
+em_inf_utils.py`` L192-195, ``ent_sample``: lr 0.1, 5 steps, KL weight 0.001, threshold 0.3); the authors' own
+evaluation script uses KL weight 0.05 and 3 steps (``evaluation_scripts/em_inf_eval.sh`` L18-21). Applied per row,
+as the reference does with its batch of one. The gradient is written out (no autograd), so it runs inside
+``torch.inference_mode``:
 
     dH/dz = -p (log p + H),   dKL(p_0 || p)/dz = p - p_0
 
-vLLM samples in its own engine and runs no HF logits processor: EM-INF needs the HF backend.
+As in the reference (L285-324), the raw logits are optimised before every HF logits processor (repetition penalty,
+temperature, top-k/p): :func:`em_inf_before_processors` rewrites the LM head's output for the step's last position
+through a forward hook, for the duration of one ``generate`` call. Not reproduced: the reference's clamp of the
+sampling probabilities to >= 1e-9. vLLM samples in its own engine: EM-INF needs HF generate.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
 
 DECODINGS = ("standard", "em-inf")
+
+
+@dataclass(frozen=True)
+class EMInfSettings:
+    """EM-INF's four hyper-parameters (the reference code's defaults)."""
+
+    learning_rate: float = 0.1
+    steps: int = 5
+    kl_weight: float = 1e-3
+    threshold: float = 0.3
+
+    def check(self, prefix: str = "em_inf_") -> None:
+        from zerosiam_llm.errors import UserInputError
+
+        for name in ("learning_rate", "threshold"):
+            if not getattr(self, name) > 0:
+                raise UserInputError(f"{prefix}{name} must be > 0, got {getattr(self, name)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise UserInputError(f"{prefix}steps must be an integer >= 1, got {self.steps!r}")
+        if not self.kl_weight >= 0:
+            raise UserInputError(f"{prefix}kl_weight must be >= 0, got {self.kl_weight}")
+
+    def processor(self) -> EMInfLogitsProcessor:
+        return EMInfLogitsProcessor(self.learning_rate, self.steps, self.kl_weight, self.threshold)
+
+
+EM_INF_HELP = {
+    "learning_rate": "EM-INF: Adam learning rate of the logits (reference: 0.1).",
+    "steps": "EM-INF: most Adam steps per token (reference code: 5; the authors' evaluation script: 3).",
+    "kl_weight": "EM-INF: weight of KL(p_0 || p) (reference code: 0.001; the authors' evaluation script: 0.05).",
+    "threshold": "EM-INF: a token's logits stop moving once its entropy is below this, in nats (reference: 0.3).",
+}
+
+
+@contextlib.contextmanager
+def em_inf_before_processors(model: torch.nn.Module, processor: EMInfLogitsProcessor) -> Iterator[None]:
+    """During one ``generate`` call: EM-INF on the raw logits of each step's last position, before any HF logits
+    processor, as the reference's ``ent_sample``; a forward hook on the LM head (returns fp32 logits)."""
+    head = model.get_output_embeddings()  # peft and HF models both answer it
+
+    def rewrite(module, inputs, logits):
+        out = logits.float()
+        out[:, -1, :] = processor(None, out[:, -1, :])
+        return out
+
+    handle = head.register_forward_hook(rewrite)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class EMInfLogitsProcessor(LogitsProcessor):

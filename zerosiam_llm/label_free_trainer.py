@@ -6,9 +6,12 @@ step bar, collapse guard) and the card. This subclass overrides only:
 
 - ``_calculate_rewards``: the vote rewards go through TRL's reward-function API (text only); the logit rewards
   (``entropy-reward``, ``self-certainty``) are computed here from the policy's hidden states of the rollouts, in token
-  chunks through the loss module's projection (``objectives.sequence_scores``), without gradient;
+  chunks through the loss module's projection (``objectives.sequence_scores``), without gradient. With
+  ``num_vote_rollouts`` m > k, the rollouts past the first k of each group get a NaN reward (TRL's "unscorable":
+  out of the group baseline, advantage 0);
 - ``_generate``: keeps the rollouts' prompt and completion token ids for the logit rewards and monitors;
-- ``_generate_and_score_completions``: records each rollout (and its reward) after TRL scored the batch.
+- ``_generate_and_score_completions``: records each rollout (and its reward) after TRL scored the batch, and drops
+  the m - k vote-only rollouts from the batch GRPO trains on.
 
 Gold answers reach no reward: a data set's ``answer`` column is passed to TRL reward functions as a keyword
 argument, which the vote rewards never read.
@@ -27,10 +30,11 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from zerosiam_llm.card import PAPERS
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.grading import has_boxed
 from zerosiam_llm.label_free_config import LabelFreeConfig
 from zerosiam_llm.modeling import causal_lm, check_plain_head, final_hidden_states
 from zerosiam_llm.objectives import SequenceScores, sequence_scores
-from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward
+from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward, completion_text
 from zerosiam_llm.run_trainer import RunTrainerMixin
 
 logger = logging.getLogger(__name__)
@@ -67,9 +71,11 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         if args.method in LOGIT_METHODS:
             reward = _logit_reward_placeholder(args.method)
         else:  # the grader's math equivalence clusters the answers (1/2 and 0.5 are one answer)
-            reward = VoteReward(args.method, args.num_rollouts, equivalent=lambda a, b: self.grader.equivalent(a, b))
+            reward = VoteReward(args.method, args.rollouts_per_prompt, lambda a, b: self.grader.equivalent(a, b),
+                                args.vote_clustering)  # fmt: skip
         self._rollout_ids: tuple[list[list[int]], list[list[int]]] | None = None
-        self._scores: SequenceScores | None = None  # this generation batch's, computed once
+        self._scores: SequenceScores | None = None  # this generation batch's monitors, computed once
+        self._reward_scores: SequenceScores | None = None
         self._local_rewards: list[float] | None = None
         super().__init__(
             model=model,
@@ -81,10 +87,12 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
             peft_config=peft_config,
         )
         local_batch = args.per_device_train_batch_size * args.steps_per_generation
-        if local_batch % args.num_rollouts:
+        m, k = args.rollouts_per_prompt, args.num_rollouts
+        if local_batch % m or (local_batch // m * k) % args.steps_per_generation:
             raise UserInputError(
-                f"each process must hold whole groups of k = {args.num_rollouts} rollouts (the rewards compare the "
-                f"rollouts of one prompt): per_device_train_batch_size x steps_per_generation = {local_batch}"
+                f"each process must hold whole groups of {m} rollouts (the rewards compare the rollouts of one "
+                f"prompt), and the {k} trained of each split into steps_per_generation equal parts: "
+                f"per_device_train_batch_size x steps_per_generation = {local_batch}"
             )
         self._setup_run(grader)
 
@@ -92,7 +100,8 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
-        self._rollout_ids, self._scores = (out[0], out[1]), None  # prompt and completion token ids, per rollout
+        self._rollout_ids = (out[0], out[1])  # prompt and completion token ids, per rollout
+        self._scores = self._reward_scores = None
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -100,26 +109,54 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             start = self.accelerator.process_index * len(prompts)  # gathered in process order
             self._local_rewards = rewards[start : start + len(prompts), 0].tolist()
+            m, k = self.args.rollouts_per_prompt, self.args.num_rollouts
+            if m > k:  # vote-only rollouts: out of GRPO's group baseline and advantages (TRL's unscorable rows)
+                rewards = rewards.clone()
+                rewards[torch.arange(len(rewards), device=rewards.device) % m >= k] = torch.nan
             return rewards
-        scores = self._rollout_scores()
-        local = -scores.entropy if self.args.method == "entropy-reward" else scores.self_certainty
+        local = self._logit_rewards(completions)
         self._local_rewards = local.tolist()
         return gather(local.to(torch.float32)[:, None])
 
+    def _logit_rewards(self, completions: list) -> torch.Tensor:
+        """RENT's reward (minus the mean token entropy on logits / the rollout temperature, or ``no_answer_reward``
+        for a rollout without a box) or Intuitor's self-certainty (raw logits; ``self_certainty_positions``)."""
+        args = self.args
+        if args.method == "entropy-reward":
+            temperature = args.reward_temperature or args.temperature
+            scores = self._rollout_scores(temperature, shifted=False)
+            rewards = -scores.entropy
+            if args.no_answer_reward is not None:
+                boxed = torch.tensor([has_boxed(completion_text(c)) for c in completions], device=rewards.device)
+                rewards = torch.where(boxed, rewards, torch.full_like(rewards, float(args.no_answer_reward)))
+            return rewards
+        temperature = args.reward_temperature or 1.0
+        return self._rollout_scores(temperature, shifted=args.self_certainty_positions == "shifted").self_certainty
+
     @torch.no_grad()
-    def _rollout_scores(self) -> SequenceScores:
-        """Each rollout's mean token entropy and self-certainty under the current policy (the one that generated it),
-        and the collapse monitors' statistics: the backbone's hidden states, projected in token chunks; prompts
-        left-padded, completions right-padded. Computed once per generation batch; the logged ``zerosiam/*``
-        monitors come from here."""
-        if self._scores is not None:
-            return self._scores
+    def _rollout_scores(self, temperature: float | None = None, shifted: bool = False) -> SequenceScores:
+        """Each rollout's mean token entropy and self-certainty under the current policy, from the backbone's hidden
+        states projected in token chunks (prompts left-padded, completions right-padded), at ``temperature`` (None:
+        ``loss_temperature``, the monitors'); ``shifted``: the logits at each completion token's own position (the
+        distribution after it) instead of the one that generated it. The logged ``zerosiam/*`` monitors come from
+        the unshifted pass at ``loss_temperature``; each pass is computed once per generation batch."""
+        monitors = temperature is None or (temperature == self.args.loss_temperature and not shifted)
+        cached = self._scores if monitors else self._reward_scores
+        if cached is not None:
+            return cached
+        scores = self._score_rollouts(self.args.loss_temperature if temperature is None else temperature, shifted)
+        if monitors:
+            self._scores = scores
+        else:
+            self._reward_scores = scores
+        return scores
+
+    def _score_rollouts(self, temperature: float, shifted: bool) -> SequenceScores:
         prompt_ids, completion_ids = self._rollout_ids
         device = self.accelerator.device
         if not any(completion_ids):  # every completion empty: nothing to score
             nan = torch.full((len(prompt_ids),), torch.nan, dtype=torch.float64, device=device)
-            self._scores = SequenceScores(nan, nan.clone(), None)
-            return self._scores
+            return SequenceScores(nan, nan.clone(), None)
         pad = getattr(self.processing_class, "pad_token_id", None) or 0  # masked out: any id will do
         width_p = max(len(p) for p in prompt_ids)
         width_c = max(1, max(len(c) for c in completion_ids))
@@ -133,12 +170,12 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         hidden = final_hidden_states(model, ids.to(device), attention.to(device))
         head = causal_lm(model).get_output_embeddings()
-        # row width_p - 1 + t predicts completion token t
-        selected = hidden[:, width_p - 1 : width_p - 1 + width_c]
-        self._scores = sequence_scores(selected, completion_mask.to(device), head.weight, self.args.loss_temperature,
-                                       self.args.token_chunk_size, self.args.vocab_chunk_size,
-                                       lambda: maybe_gather_lm_head_ctx(head.weight))  # fmt: skip
-        return self._scores
+        # row width_p - 1 + t predicts completion token t; shifted, row width_p + t (the logits at token t itself)
+        start = width_p if shifted else width_p - 1
+        selected = hidden[:, start : start + width_c]
+        return sequence_scores(selected, completion_mask.to(device), head.weight, temperature,
+                               self.args.token_chunk_size, self.args.vocab_chunk_size,
+                               lambda: maybe_gather_lm_head_ctx(head.weight))  # fmt: skip
 
     # ---------------------------------------------------------------- record
 
@@ -153,4 +190,17 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         rewards = self._local_rewards or [None] * len(inputs)
         self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"], {"reward": rewards})
         self._record_base_nll(output)
+        m, k = self.args.rollouts_per_prompt, self.args.num_rollouts
+        if m > k:
+            output = self._drop_vote_only_rollouts(output, len(inputs), m, k)
         return output
+
+    def _drop_vote_only_rollouts(self, output: dict[str, Any], rows: int, m: int, k: int) -> dict[str, Any]:
+        """GRPO trains on the first k rollouts of each group of m (TTRL's ``_select_top_k_per_prompt``); the token
+        count that normalises the loss is recounted over them, across processes."""
+        keep = torch.arange(rows, device=self.accelerator.device) % m < k
+        kept = {key: value[keep] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows
+                else value for key, value in output.items()}  # fmt: skip
+        if "num_items_in_batch" in output:
+            kept["num_items_in_batch"] = self.accelerator.gather(kept["completion_mask"].sum()).sum()
+        return kept

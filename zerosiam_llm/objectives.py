@@ -51,6 +51,7 @@ class ObjectiveOutput:
     kept_loss: float = math.nan  # the summed loss / the kept tokens, before any num_items rescaling (SAR's recovery)
     kept_total: float = 0.0  # the summed loss over the kept tokens (SAR's recovery averages a whole step's)
     entropy_below: float | None = None  # SAR's E0 in nats, when a threshold was set
+    opinion_entropy_exact: float | None = None  # COME: the exact mean opinion entropy (the loss carries the ref's eps)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """The statistics as a flat dict, e.g. for ``Trainer.log``."""
@@ -525,11 +526,18 @@ def sequence_scores(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+COME_EPSILON = 1e-7  # the reference's: -sum (q + 1e-7) log(q + 1e-7) over the K + 1 opinion masses
+
+
 def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, want_grad):
     """Per token, with z the logits, S = sum exp(z), K = ``num_classes``: beliefs b = exp(z) / (S + K), uncertainty
     u = K / (S + K), and H = -sum b log b - u log u = M - w E_p[z] - u log K, where M = log(S + K), w = 1 - u and p the
     softmax. dH/dz = w p (w E_p[z] + u log K - z). As in the reference code, z enters as z / ||z|| * ||z||.detach():
-    the value is unchanged and the gradient loses its component along z (the logit norm is held fixed)."""
+    the value is unchanged and the gradient loses its component along z (the logit norm is held fixed).
+
+    Returns ``(sum of H_eps, stats, grad, per-token H)``: the summed value is the reference's, with its epsilon
+    (``-sum (q + eps) log(q + eps)`` over the K + 1 masses: +0.08 nats at K = 49k, +0.24 at 152k), so logged losses
+    compare with published curves; the gradient is the exact form's (the epsilon's is O(eps K))."""
     dtype = _compute_dtype(h, weight)
     device = h.device
     n, vocab = h.shape[0], weight.shape[0]
@@ -538,9 +546,11 @@ def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, wa
     tile = torch.empty(rows, vocab, dtype=dtype, device=device)
     block = max(1, min(rows, _block_bytes(device) // (vocab * dtype.itemsize)))
     scratch = torch.empty(block, vocab, dtype=dtype, device=device)
+    masses = torch.empty(block, vocab, dtype=dtype, device=device)  # q + eps, for the reference's value
     stats = torch.zeros(len(Stat), n, dtype=dtype, device=device)  # the softmax statistics, for the monitors
     stats[Stat.KEPT] = 1.0
     opinion = torch.empty(n, dtype=dtype, device=device)
+    opinion_eps = torch.empty(n, dtype=dtype, device=device)
     grad = torch.empty(n, h.shape[1], dtype=dtype, device=device) if want_grad else None
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
@@ -557,6 +567,11 @@ def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, wa
             w, u = (lse - big_m).exp(), (log_k - big_m).exp()
             rs = slice(start + b0, start + b0 + z.shape[0])
             opinion[rs] = big_m - w * ez - u * log_k
+            q = masses[: z.shape[0]]  # beliefs b = e exp(m - M), plus eps; then (b + eps) log(b + eps) in place
+            torch.mul(e, (m.squeeze(-1) - big_m).exp()[:, None], out=q).add_(COME_EPSILON)
+            torch.xlogy(q, q, out=q)
+            u_eps = u + COME_EPSILON
+            opinion_eps[rs] = -(q.sum(-1) + u_eps * u_eps.log())
             z_sq = _rowdot(z, z)
             stats[Stat.ENTROPY_ONLINE, rs] = stats[Stat.ENTROPY_TARGET, rs] = lse - ez
             stats[Stat.LOGIT_SQUARED_NORM, rs] = z_sq * temperature**2
@@ -576,7 +591,7 @@ def _come_pass(h, weight, num_classes, temperature, token_chunk, vocab_chunk, wa
             _back_project(z_all, weight, grad[sl], vocab_chunk)
     if want_grad:
         grad.mul_(inv_t)
-    return opinion.sum(), stats, grad
+    return opinion_eps.sum(), stats, grad, opinion
 
 
 def come_entropy(
@@ -588,16 +603,22 @@ def come_entropy(
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum of the per-token opinion entropies, stats)``, one ``[chunk, V]`` tile and two GEMMs per chunk, the
-    gradient computed in the forward pass like the siamese loss; ``num_classes`` K defaults to the vocabulary size."""
+    """``(sum of the per-token opinion entropies, stats, per-token exact entropies)``, one ``[chunk, V]`` tile and two
+    GEMMs per chunk, the gradient computed in the forward pass like the siamese loss; ``num_classes`` K defaults to
+    the vocabulary size. The sum carries the reference's epsilon (:func:`_come_pass`), its gradient is the exact
+    form's; the third value is the exact entropy of each token (detached)."""
     _check_loss_args(weight, temperature, token_chunk, vocab_chunk)
     want_grad = torch.is_grad_enabled() and h.requires_grad
     k = int(num_classes or weight.shape[0])
+    exact: list[torch.Tensor] = []
 
     def run():
-        return _come_pass(h, weight, k, float(temperature), token_chunk, vocab_chunk, want_grad)
+        total, stats, grad, opinion = _come_pass(h, weight, k, float(temperature), token_chunk, vocab_chunk, want_grad)
+        exact.append(opinion)
+        return total, stats, grad
 
-    return _GradientInForward.apply(h, run, gather)
+    total, stats = _GradientInForward.apply(h, run, gather)
+    return total, stats, exact[0]
 
 
 def come_loss(
@@ -611,23 +632,29 @@ def come_loss(
     gather: Callable[[], contextlib.AbstractContextManager] = gather_noop,
     num_classes: int | None = None,
 ) -> ObjectiveOutput:
-    """COME: mean per-token entropy of the Dirichlet opinion (:func:`come_entropy`); the statistics are the softmax's,
+    """COME: mean per-token entropy of the Dirichlet opinion (:func:`come_entropy`; the loss's value is the
+    reference's, with its epsilon, ``out.opinion_entropy_exact`` the exact mean); the statistics are the softmax's,
     as for Tent (one branch: KLs 0, H(p_o) = H(p_r))."""
     h = _selected_rows(hidden, mask)
-    total, stats = come_entropy(h, lm_head_weight, num_classes, temperature, token_chunk, vocab_chunk, gather)
-    return _objective_output(total, stats, num_items)
+    total, stats, exact = come_entropy(h, lm_head_weight, num_classes, temperature, token_chunk, vocab_chunk, gather)
+    out = _objective_output(total, stats, num_items)
+    out.opinion_entropy_exact = exact.mean().item()
+    return out
 
 
-def come_reference(h: torch.Tensor, weight: torch.Tensor, num_classes: int | None = None, temperature: float = 1.0):
-    """The per-token opinion entropy exactly as the COME reference code writes it (full logits, the norm held fixed in
-    the backward pass through ``.detach()``; without its +1e-7 inside the log): tests only."""
+def come_reference(
+    h: torch.Tensor, weight: torch.Tensor, num_classes: int | None = None, temperature: float = 1.0, eps: float = 0.0
+):
+    """The per-token opinion entropy as the COME reference code writes it (BlueWhaleLab/COME @ 409a19b7,
+    ``tent_come.py`` L45-52: full logits, the norm held fixed in the backward pass through ``.detach()``, ``eps`` its
+    ``+ 1e-7`` on every mass before the log, K = its 1000 classes, here ``num_classes``): tests only."""
     z = h @ weight.T / temperature
     norm = z.norm(p=2, dim=-1, keepdim=True)
     z = z / norm * norm.detach()
     k = num_classes or weight.shape[0]
     evidence = z.exp()
     total = evidence.sum(-1, keepdim=True) + k
-    opinion = torch.cat([evidence / total, k / total], dim=-1)
+    opinion = torch.cat([evidence / total, k / total], dim=-1) + eps
     return -(opinion * opinion.log()).sum(-1)
 
 

@@ -16,7 +16,6 @@ what both TRL trainers have.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -97,18 +96,12 @@ class RunTrainerMixin:
     def _generate_single_turn(self, *args, **kwargs):
         if self.args.decoding != "em-inf" or self.use_vllm:
             return super()._generate_single_turn(*args, **kwargs)
-        # TRL calls generate on the unwrapped model with its own arguments: EM-INF joins them for this call only
-        from transformers import LogitsProcessorList
+        from zerosiam_llm.decoding import em_inf_before_processors
 
-        from zerosiam_llm.decoding import EMInfLogitsProcessor
-
+        # TRL calls generate on the unwrapped model: EM-INF rewrites that model's raw logits for this call only
         model = self.accelerator.unwrap_model(self.model_wrapped)
-        processors = LogitsProcessorList([EMInfLogitsProcessor()])
-        model.generate = functools.partial(model.generate, logits_processor=processors)
-        try:
+        with em_inf_before_processors(model, self.args.em_inf_settings.processor()):
             return super()._generate_single_turn(*args, **kwargs)
-        finally:
-            del model.generate  # the class's generate again
 
     # ---------------------------------------------------------------- online stream
 
@@ -122,9 +115,9 @@ class RunTrainerMixin:
 
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         processes = self.accelerator.num_processes
-        batches = StreamBatchSampler(len(dataset), self.args.stream_batch_size, self.args.num_rollouts,
+        batches = StreamBatchSampler(len(dataset), self.args.stream_batch_size, self.args.rollouts_per_prompt,
                                      self.args.steps_per_batch, self.accelerator.process_index, processes)  # fmt: skip
-        per_process = batches.per_process * self.args.num_rollouts
+        per_process = batches.per_process * self.args.rollouts_per_prompt
         if per_process != self.args.per_device_train_batch_size:
             raise UserInputError(
                 f"per_device_train_batch_size is {self.args.per_device_train_batch_size} but a stream batch of "
@@ -247,7 +240,7 @@ class RunTrainerMixin:
 
         if self.args.steps_per_batch > 1 and self._step % self.args.steps_per_batch:
             return
-        k = self.args.num_rollouts
+        k = self.args.rollouts_per_prompt
         # `rows` are every process's, in process order: the problems (one per k rows) are gathered the same way
         examples = gather_object(list(inputs[::k])) if self.accelerator.num_processes > 1 else inputs[::k]
         if not self.accelerator.is_main_process:

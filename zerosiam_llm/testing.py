@@ -117,3 +117,39 @@ def kill_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 300.0
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+_KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from zerosiam_llm import run_trainer
+
+class KillAfterCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ["ZEROSIAM_TEST_KILL_AT"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train = run_trainer.RunTrainerMixin.train
+def train_then_kill(self, *args, **kwargs):
+    self.add_callback(KillAfterCheckpoint())  # the last callback: every other on_save has run
+    return train(self, *args, **kwargs)
+run_trainer.RunTrainerMixin.train = train_then_kill
+from zerosiam_llm.cli import train_main
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+def run_killed_after_checkpoint(argv: list[str], env: dict[str, str], step: int, timeout: float = 600.0) -> None:
+    """Run the training command line ``argv`` in a child process that SIGKILLs itself once ``checkpoint-<step>`` is
+    completely written (after every ``on_save``), before the next step starts: a kill at a fixed point of the run,
+    whatever the machine's load (a file-polling kill lands anywhere in the save or after it). Fails if the child
+    ends any other way."""
+    import signal
+    import subprocess
+    import sys
+
+    child_env = {**env, "ZEROSIAM_TEST_KILL_AT": str(step)}
+    proc = subprocess.run([sys.executable, "-c", _KILL_AFTER_CHECKPOINT, *map(str, argv)], env=child_env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode != -signal.SIGKILL:
+        raise AssertionError(f"the run ended with {proc.returncode} before checkpoint-{step}: {proc.stderr[-2000:]}")

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from trl import DistillationConfig
 
-from zerosiam_llm.decoding import DECODINGS
+from zerosiam_llm.decoding import DECODINGS, EM_INF_HELP, EMInfSettings
 from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.grading import GOLD_STYLES
 from zerosiam_llm.predictor import PREDICTOR_FORMS
@@ -200,9 +200,14 @@ class ZeroSiamConfig(DistillationConfig):
         default="standard",
         metadata={
             "help": "How rollouts (and online predictions) are decoded: standard, or em-inf (EM-INF: a few Adam steps "
-            "of each step's logits toward lower entropy, Agarwal et al. 2025; HF generate only, not vLLM)."
+            "of each step's raw logits toward lower entropy, before HF's other logits processors, Agarwal et al. "
+            "2025; HF generate only, not vLLM)."
         },
     )
+    em_inf_learning_rate: float = field(default=0.1, metadata={"help": EM_INF_HELP["learning_rate"]})
+    em_inf_steps: int = field(default=5, metadata={"help": EM_INF_HELP["steps"]})
+    em_inf_kl_weight: float = field(default=1e-3, metadata={"help": EM_INF_HELP["kl_weight"]})
+    em_inf_threshold: float = field(default=0.3, metadata={"help": EM_INF_HELP["threshold"]})
 
     # ---- online protocol ----
     stream_batch_size: int | None = field(
@@ -392,7 +397,7 @@ class ZeroSiamConfig(DistillationConfig):
         # one generation batch = one stream batch, k answers per problem, in the stream's fixed order, split across
         # the processes a launcher started (WORLD_SIZE): each answers ceil(stream_batch_size / processes) problems
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        self.per_device_train_batch_size = math.ceil(self.stream_batch_size / processes) * self.num_rollouts
+        self.per_device_train_batch_size = math.ceil(self.stream_batch_size / processes) * self.rollouts_per_prompt
         self.shuffle_dataset = False
         self.num_train_epochs = 1
         for name in ("benchmarks", "compare_methods"):
@@ -498,6 +503,7 @@ class ZeroSiamConfig(DistillationConfig):
             raise UserInputError("guard action rollback needs unsharded weights (single GPU or DDP); use warn or stop")
         if self.base_nll_every < 0 or self.healthy_checkpoints < 1 or self.repetition_ngram < 1:
             raise UserInputError("base_nll_every must be >= 0, healthy_checkpoints and repetition_ngram >= 1")
+        self.em_inf_settings.check()
         if self.use_vllm and self.decoding == "em-inf":
             raise UserInputError(
                 "decoding em-inf needs HF generate: vLLM runs no HF logits processor; set use_vllm: false"
@@ -514,6 +520,16 @@ class ZeroSiamConfig(DistillationConfig):
         for name in self.unsupported_fields:
             if getattr(self, name) != defaults.get(name):
                 raise UserInputError(f"{name} is a distillation setting and has no meaning here; remove it")
+
+    @property
+    def em_inf_settings(self) -> EMInfSettings:
+        return EMInfSettings(self.em_inf_learning_rate, self.em_inf_steps, self.em_inf_kl_weight,
+                             self.em_inf_threshold)  # fmt: skip
+
+    @property
+    def rollouts_per_prompt(self) -> int:
+        """Rollouts generated per prompt: k, or more where a method votes over more than it trains on."""
+        return self.num_rollouts
 
     def resolved_dict(self) -> dict[str, Any]:
         """Every field's value, for ``resolved_config.yaml`` (tokens never recorded)."""

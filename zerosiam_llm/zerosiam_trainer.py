@@ -271,7 +271,8 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         }
         mode = "train" if self.model.training else "eval"
         if self.args.method == "come":
-            out = come_loss(hidden, loss_mask, weight, **common)
+            out = come_loss(hidden, loss_mask, weight, **common)  # its value carries the reference's epsilon
+            self._metrics[mode]["come/opinion_entropy_exact"].append(out.opinion_entropy_exact)
         elif self.args.method == "sar":
             if self._sam_pass == 2:  # the first pass's reliable tokens and E0 (a per-batch quantile is not re-ranked)
                 out = sar_loss(hidden, loss_mask, weight, self._sam_threshold, self._sam_kept, margin_unit="nats",

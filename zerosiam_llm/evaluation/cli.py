@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from zerosiam_llm.decoding import DECODINGS
+from zerosiam_llm.decoding import DECODINGS, EM_INF_HELP, EMInfSettings
 from zerosiam_llm.errors import UserInputError, run_cli
 from zerosiam_llm.evaluation.compare import run_compare
 from zerosiam_llm.evaluation.run import run_evaluation
@@ -56,10 +56,14 @@ class EvalArguments:
     decoding: str = field(
         default="standard",
         metadata={
-            "help": "standard, or em-inf (EM-INF, Agarwal et al. 2025: a few Adam steps of each step's logits "
-            "toward lower entropy, the reference's defaults; hf backend only)"
+            "help": "standard, or em-inf (EM-INF, Agarwal et al. 2025: a few Adam steps of each step's raw logits "
+            "toward lower entropy, before the other logits processors; hf backend only)"
         },
     )
+    em_inf_learning_rate: float = field(default=0.1, metadata={"help": EM_INF_HELP["learning_rate"]})
+    em_inf_steps: int = field(default=5, metadata={"help": EM_INF_HELP["steps"]})
+    em_inf_kl_weight: float = field(default=1e-3, metadata={"help": EM_INF_HELP["kl_weight"]})
+    em_inf_threshold: float = field(default=0.3, metadata={"help": EM_INF_HELP["threshold"]})
     dtype: str = field(
         default="auto",
         metadata={"help": "auto (bf16 on GPUs and bf16-capable CPUs, else fp32), float32, bfloat16, float16"},
@@ -97,10 +101,17 @@ class EvalArguments:
                               ("instruction_placement", INSTRUCTION_PLACEMENTS)):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise UserInputError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: {', '.join(allowed)}")
+        self.em_inf_settings.check()
         if self.decoding == "em-inf" and self.backend != "hf":
             raise UserInputError(
                 "decoding em-inf needs --backend hf: vLLM samples in its own engine and runs no HF logits processor"
             )
+
+
+    @property
+    def em_inf_settings(self) -> EMInfSettings:
+        return EMInfSettings(self.em_inf_learning_rate, self.em_inf_steps, self.em_inf_kl_weight,
+                             self.em_inf_threshold)  # fmt: skip
 
 
 def eval_parser() -> FieldParser:

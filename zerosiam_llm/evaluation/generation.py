@@ -12,6 +12,8 @@ repetition penalty, temperature) are not applied, so a recorded protocol is the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import zlib
@@ -173,14 +175,15 @@ class HFGenerator(Generator):
     the seed and the batch's first prompt; greedy output does not depend on the seed.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, decoding: str = "standard") -> None:
-        from zerosiam_llm.decoding import DECODINGS
+    def __init__(self, model, tokenizer, batch_size: int = 32, decoding: str = "standard", em_inf=None) -> None:
+        from zerosiam_llm.decoding import DECODINGS, EMInfSettings
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if decoding not in DECODINGS:
             raise UserInputError(f"decoding: {decoding!r} is not allowed; allowed: {', '.join(DECODINGS)}")
         self.decoding = decoding
+        self.em_inf = em_inf or EMInfSettings()  # EM-INF's hyper-parameters (the reference's defaults)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -207,6 +210,7 @@ class HFGenerator(Generator):
         trust_remote_code: bool = False,
         revision: str | None = None,
         decoding: str = "standard",
+        em_inf=None,
     ) -> HFGenerator:
         """Load a model spec (Hub id, folder, ``.gguf``, ``embedded:...``) plus an optional adapter, merged."""
         from zerosiam_llm.modeling import load_model, load_tokenizer, resolve_model
@@ -219,7 +223,7 @@ class HFGenerator(Generator):
             lm = load_adapter(lm, adapter, merge=True)
         lm.to(device).eval()
         tok = tokenizer if tokenizer is not None else load_tokenizer(source, trust_remote_code)
-        generator = cls(lm, tok, batch_size, decoding)
+        generator = cls(lm, tok, batch_size, decoding, em_inf)
         generator._info.update(dtype=dtype_name, device=device)
         return generator
 
@@ -230,6 +234,7 @@ class HFGenerator(Generator):
         info["batch_size"] = self.batch_size
         if self.decoding != "standard":
             info["decoding"] = self.decoding
+            info["em_inf"] = dataclasses.asdict(self.em_inf)
         return info
 
     def _generate(self, prompts: list[str], sampling: SamplingConfig) -> Iterator[tuple[int, list[Completion]]]:
@@ -256,13 +261,12 @@ class HFGenerator(Generator):
         )
         device = next(self.model.parameters()).device
         eos = torch.tensor(self.eos_token_ids, device=device)
-        extra = {}
-        if self.decoding == "em-inf":
-            from transformers import LogitsProcessorList
+        from zerosiam_llm.decoding import em_inf_before_processors
 
-            from zerosiam_llm.decoding import EMInfLogitsProcessor
-
-            extra["logits_processor"] = LogitsProcessorList([EMInfLogitsProcessor()])
+        def decoding_context():
+            if self.decoding != "em-inf":
+                return contextlib.nullcontext()
+            return em_inf_before_processors(self.model, self.em_inf.processor())  # raw logits, before HF's processors
         for start in range(0, len(order), per_call):
             idx = order[start : start + per_call]
             batch = tok(
@@ -274,8 +278,8 @@ class HFGenerator(Generator):
             ).to(device)
             if not sampling.greedy:
                 torch.manual_seed(prompt_seed(sampling.seed, prompts[idx[0]]))
-            with torch.inference_mode():
-                out = self.model.generate(**batch, generation_config=config, **extra)
+            with torch.inference_mode(), decoding_context():
+                out = self.model.generate(**batch, generation_config=config)
             generated = out[:, batch["input_ids"].shape[1] :]
             # Length = tokens before the first end-of-sequence token (finished rows are padded after it).
             is_eos = torch.isin(generated, eos)

@@ -5,6 +5,7 @@ generation of the missing samples only, grading, and the summary.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -86,8 +87,17 @@ def _run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "instruction": args.instruction,
         "instruction_placement": args.instruction_placement,
         # recorded only when not standard: run folders written before EM-INF existed stay resumable
-        **({"decoding": args.decoding} if getattr(args, "decoding", "standard") != "standard" else {}),
+        **_decoding_identity(args),
     }
+
+
+def _decoding_identity(args) -> dict[str, Any]:
+    """The decoding, recorded only when not standard (run folders written before EM-INF existed stay resumable);
+    EM-INF with its hyper-parameters."""
+    decoding = getattr(args, "decoding", "standard")
+    if decoding == "standard":
+        return {}
+    return {"decoding": decoding, "em_inf": dataclasses.asdict(args.em_inf_settings)}
 
 
 def _bench_settings(bench: Benchmark, sampling) -> dict[str, Any]:
@@ -151,7 +161,7 @@ def _prepare_run_dir(
     record = {"format": RUN_FORMAT, **run, "benchmarks": {}}
     if previous is not None:
         changed = [k for k in run if previous.get(k) != run[k]]
-        changed += [k for k in ("decoding",) if k in previous and k not in run]  # recorded only when not standard
+        changed += [k for k in ("decoding", "em_inf") if k in previous and k not in run]  # only when not standard
         for name, settings in benches.items():
             old = previous.get("benchmarks", {}).get(name)
             if old is not None and old.get("settings") != settings:
@@ -304,7 +314,8 @@ def _default_generator_factory(args: argparse.Namespace, tokenizer):
         }
     else:
         backend_kwargs = {"device": args.device, "batch_size": args.batch_size,
-                          "decoding": getattr(args, "decoding", "standard")}  # fmt: skip
+                          "decoding": getattr(args, "decoding", "standard"),
+                          "em_inf": getattr(args, "em_inf_settings", None)}  # fmt: skip
     return make_generator(
         args.backend,
         args.model,
