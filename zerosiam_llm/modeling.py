@@ -48,6 +48,12 @@ class ModelSource:
 
 def embedded_gguf_path(model_id: str) -> Path:
     """Locate the GGUF file an ``embedded:`` id names, inside its installed PyPI package (without importing it)."""
+    return _embedded_gguf(model_id)[0]
+
+
+def _embedded_gguf(model_id: str) -> tuple[Path, str]:
+    """The GGUF file of an ``embedded:`` id and a digest of it: the sha256 its wheel's RECORD lists (free to read),
+    or, without one, the file's size and modification time."""
     if model_id not in EMBEDDED_MODELS:
         raise UserInputError(f"unknown embedded model {model_id!r}; available: {', '.join(EMBEDDED_MODELS)}")
     dist_name, filename = EMBEDDED_MODELS[model_id]
@@ -60,7 +66,9 @@ def embedded_gguf_path(model_id: str) -> Path:
         if Path(str(file)).name == filename:
             path = Path(dist.locate_file(file))
             if path.is_file():
-                return path
+                stat = path.stat()
+                digest = file.hash.value if file.hash is not None else f"{stat.st_size}-{int(stat.st_mtime)}"
+                return path, digest
     raise UserInputError(f"package {dist_name} is installed but {filename} is missing; reinstall with `{install}`")
 
 
@@ -70,8 +78,7 @@ def resolve_model(spec: str) -> ModelSource:
         raise UserInputError("model must be a Hub id, a local folder, a .gguf file or embedded:smollm2-135m")
     spec = spec.strip()
     if spec.startswith(EMBEDDED_PREFIX):
-        path = embedded_gguf_path(spec)
-        return ModelSource(spec, "embedded", str(path.parent), path.name)
+        return _embedded_source(spec)
     if spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():
@@ -87,6 +94,61 @@ def resolve_model(spec: str) -> ModelSource:
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserInputError(f"model path {spec} does not exist")
     return ModelSource(spec, "hub", spec)
+
+
+EMBEDDED_CACHE_MARKER = "zerosiam_embedded.json"  # written last: a folder without it is an unfinished copy
+
+
+def embedded_cache_root() -> Path | None:
+    """Where de-quantised embedded models are cached: ``$ZEROSIAM_CACHE``, else ``$XDG_CACHE_HOME/zerosiam-llm`` or
+    ``~/.cache/zerosiam-llm``; ``ZEROSIAM_CACHE=none`` turns the cache off."""
+    root = os.environ.get("ZEROSIAM_CACHE")
+    if root is not None:
+        return None if root.strip().lower() in ("", "none", "off") else Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "zerosiam-llm"
+
+
+def _embedded_source(spec: str) -> ModelSource:
+    """An embedded model: its cached save_pretrained copy (fp32 safetensors + tokenizer, keyed by the GGUF file's
+    digest), made from the GGUF file on first use. De-quantising the GGUF costs ~20 s a load; the copy loads in ~1 s.
+    Falls back to the GGUF file when the cache is off or cannot be written."""
+    path, digest = _embedded_gguf(spec)
+    gguf = ModelSource(spec, "embedded", str(path.parent), path.name)
+    root = embedded_cache_root()
+    if root is None:
+        return gguf
+    safe_digest = "".join(c for c in digest if c.isalnum())[:16]
+    folder = root / f"{spec[len(EMBEDDED_PREFIX):]}-{safe_digest}"
+    if not (folder / EMBEDDED_CACHE_MARKER).is_file():
+        try:
+            _write_embedded_cache(gguf, digest, folder)
+        except OSError as err:  # a read-only or full disk: the GGUF file still works
+            logger.warning("cannot cache %s in %s (%s); loading the GGUF file", spec, folder, err)
+            return gguf
+    return ModelSource(spec, "embedded", str(folder))
+
+
+def _write_embedded_cache(gguf: ModelSource, digest: str, folder: Path) -> None:
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("caching %s as safetensors in %s (once)", gguf.spec, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model = load_model(gguf, "float32")
+        model.save_pretrained(tmp)
+        load_tokenizer(gguf).save_pretrained(tmp)
+        (tmp / EMBEDDED_CACHE_MARKER).write_text(json.dumps({"spec": gguf.spec, "gguf": gguf.gguf_file,
+                                                             "sha256": digest}) + "\n", encoding="utf-8")  # fmt: skip
+        if folder.exists():  # an unfinished copy, or another process finished first
+            if (folder / EMBEDDED_CACHE_MARKER).is_file():
+                return
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_gguf_magic(path: Path) -> None:
