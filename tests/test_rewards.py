@@ -193,21 +193,9 @@ def test_semantic_vote_reads_boxed_answers_only():
 
 
 def _direct_rl_trainer(model_dir, out, **overrides):
-    """A LabelFreeTrainer built as the command line builds it, for tests that drive its hooks by hand."""
-    from zerosiam_llm.data import build_prompt_dataset, load_problems
-    from zerosiam_llm.label_free_trainer import LabelFreeTrainer
-    from zerosiam_llm.modeling import load_model, load_tokenizer, make_lora_config
-    from zerosiam_llm.parser import build_config
+    from zerosiam_llm.testing import direct_trainer
 
-    config = build_config("smollm2-135m-cpu", {
-        "model": str(model_dir), "output_dir": str(out), "max_completion_length": 12, "max_steps": 1,
-        "num_rollouts": 2, "per_device_train_batch_size": 4, "answer_field": "null", **overrides})  # fmt: skip
-    tokenizer = load_tokenizer(str(model_dir))
-    problems = load_problems(config.dataset, question_field=config.question_field, limit=8, seed=0)
-    dataset, _ = build_prompt_dataset(problems, tokenizer, config.instruction)
-    lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    return LabelFreeTrainer(load_model(str(model_dir)), args=config, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=lora)  # fmt: skip
+    return direct_trainer(model_dir, out, **{"num_rollouts": 2, "per_device_train_batch_size": 4, **overrides})
 
 
 def _rollouts(trainer):

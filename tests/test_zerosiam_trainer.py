@@ -15,7 +15,7 @@ from trl import DistillationTrainer
 
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.files import read_jsonl
-from zerosiam_llm.testing import run_killed_after_checkpoint
+from zerosiam_llm.testing import direct_trainer, run_killed_after_checkpoint
 from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,27 +152,10 @@ def test_labels_never_change_a_gradient(method, tiny_model_dir, tmp_path):
 SAR_MARGIN = 0.985  # the tiny random model's token entropies sit near 0.985 ln V: the filter keeps part of them
 
 
-def _direct_trainer(model_dir, out, **overrides):
-    """A ZeroSiamTrainer built as the command line builds it, for tests that drive its hooks by hand."""
-    from zerosiam_llm.data import build_prompt_dataset, load_problems
-    from zerosiam_llm.modeling import load_model, load_tokenizer, make_lora_config
-    from zerosiam_llm.parser import build_config
-
-    config = build_config("smollm2-135m-cpu", {
-        "model": str(model_dir), "output_dir": str(out), "max_completion_length": 12, "max_steps": 1,
-        "answer_field": "null", **overrides})  # fmt: skip
-    tokenizer = load_tokenizer(str(model_dir))
-    problems = load_problems(config.dataset, question_field=config.question_field, limit=8, seed=0)
-    dataset, _ = build_prompt_dataset(problems, tokenizer, config.instruction)
-    lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    return ZeroSiamTrainer(load_model(str(model_dir)), args=config, train_dataset=dataset, processing_class=tokenizer,
-                           peft_config=lora)  # fmt: skip
-
-
 def test_sar_step_keeps_the_gradient_at_the_perturbed_weights(tiny_model_dir, tmp_path):
     """SAR's training_step: pass 1 at w on the rollouts, w + rho g1/||g1||, pass 2 on the same rollouts over the
     tokens reliable in both passes; the gradient left for the optimizer is pass 2's, the weights are back at w."""
-    trainer = _direct_trainer(tiny_model_dir, tmp_path, method="sar", sar_rho=0.5, sar_margin=SAR_MARGIN,
+    trainer = direct_trainer(tiny_model_dir, tmp_path, method="sar", sar_rho=0.5, sar_margin=SAR_MARGIN,
                               sar_margin_unit="ln_v")  # fmt: skip
     model = trainer.model
     model.train()
