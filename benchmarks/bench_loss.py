@@ -5,7 +5,8 @@ Variants (each in its own subprocess, so the peak RSS is the variant's own):
   zerosiam       fused chunked ZeroSiam (objectives.zerosiam_loss, full predictor)
   zerosiam-lora  fused chunked ZeroSiam, low-rank predictor (r = 32)
   come           fused chunked COME (objectives.come_loss: the entropy of a Dirichlet opinion, K = vocabulary size)
-  sar            SAR's reliable-entropy loss, one pass (objectives.sar_loss: Tent over the tokens with H < 0.4 ln V)
+  sar            SAR's reliable-entropy loss, one pass (objectives.sar_loss at the trainer's default: Tent over the
+                 tokens below the batch's 0.8-quantile of entropy)
   sar-sam        SAR's whole step as the trainer runs it: pass at w, ascend to w + rho g/||g|| (sar.sam_ascend),
                  second pass over the tokens reliable in both, back to w: two forwards and two backwards
   naive-tent     full [N, V] logits, then torch ops
@@ -99,15 +100,15 @@ def make_step(variant: str, batch: int, length: int, prompt: int):
         elif variant == "come":
             loss = come_loss(h, mask, weight).loss
         elif variant == "sar":
-            loss = sar_loss(h, mask, weight).loss
+            loss = sar_loss(h, mask, weight, 0.8, margin_unit="quantile").loss
         elif variant == "sar-sam":
-            first = sar_loss(h, mask, weight)
+            first = sar_loss(h, mask, weight, 0.8, margin_unit="quantile")
             first.loss.backward()
             steps = sam_ascend(params, 0.05)
             for p in params:
                 p.grad = None
             h = final_hidden_states(model, ids, torch.ones_like(ids))[:, :-1]
-            loss = sar_loss(h, mask, weight, keep=first.kept).loss
+            loss = sar_loss(h, mask, weight, first.entropy_below, first.kept, margin_unit="nats").loss
             loss.backward()
             sam_return(params, steps)
             return time.perf_counter() - start
