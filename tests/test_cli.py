@@ -30,7 +30,8 @@ def test_subprocess_bad_field_is_one_line_exit_2(tmp_path):
                           text=True, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown field 'learnin_rate' in the command line; did you mean learning_rate, predictor_learning_rate?"
+        "error: unknown field 'learnin_rate' in the command line; did you mean learning_rate, em_inf_learning_rate, "
+        "predictor_learning_rate?"
     ]
     assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
