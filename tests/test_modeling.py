@@ -122,7 +122,8 @@ def test_embedded_model_loads_generates_and_trains(embedded_policy, tmp_path):
 
     base, tok = embedded_policy
     assert base.config.hidden_size == 576 and base.config.vocab_size == 49152
-    assert base.hf_quantizer is None and not base.is_quantized  # GGUF state stripped: trainable by HF Trainer
+    # GGUF state stripped (or never there: the cached safetensors copy): trainable by HF Trainer
+    assert getattr(base, "hf_quantizer", None) is None and not getattr(base, "is_quantized", False)
     messages = [{"role": "user", "content": "What is 2 + 3? Put your final answer within \\boxed{}."}]
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert "<|im_start|>assistant" in tok.decode(enc["input_ids"][0])

@@ -230,7 +230,9 @@ def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str
     )
     how = (
         f"per_device_train_batch_size {config.per_device_train_batch_size} x gradient_accumulation_steps "
-        f"{config.gradient_accumulation_steps} / rollouts per prompt {config.rollouts_per_prompt}"
+        f"{config.gradient_accumulation_steps} / "
+        + (f"num_rollouts {config.num_rollouts}" if config.rollouts_per_prompt == config.num_rollouts
+           else f"num_vote_rollouts {config.rollouts_per_prompt}")  # fmt: skip
     )
     if num_processes > 1:
         how += f" x {num_processes} processes"

@@ -120,7 +120,7 @@ class ZeroSiamConfig(DistillationConfig):
         metadata={
             "help": "SAR's reliable-entropy threshold E0, in sar_margin_unit: tokens with entropy >= E0 are left out "
             "of the loss. Default: the 0.8-quantile of each batch (the top-entropy fifth dropped; README, 'SAR on "
-            "LLMs'). The reference's 0.4 x ln V (sar_margin_unit: ln_v) keeps 99.9% of this model's tokens."
+            "LLMs'). The reference's 0.4 x ln V (sar_margin_unit: ln_v) keeps 999 in 1000 of this model's tokens."
         },
     )
     sar_margin_unit: str = field(
