@@ -222,7 +222,7 @@ def test_entropy_reward_is_rents(temperature, tiny_model_dir, tmp_path):
     when no ``\\boxed`` / ``\\fbox`` answer is found (``base_format``, its ``format`` experiment)."""
     trainer = _direct_rl_trainer(tiny_model_dir, tmp_path, method="entropy-reward", temperature=temperature)
     prompts, completions = _rollouts(trainer)
-    trainer._rollout_ids, trainer._scores, trainer._reward_scores = (prompts, completions), None, None
+    trainer._rollout_ids, trainer._scores = (prompts, completions), {}
     texts = ["so \\boxed{3}", "no answer here", "\\fbox{2}"]
     got = trainer._logit_rewards(texts)
     want = []
@@ -233,10 +233,10 @@ def test_entropy_reward_is_rents(temperature, tiny_model_dir, tmp_path):
         want.append(-7.0 if "boxed" not in text and "fbox" not in text else -entropy.item())
     assert got.tolist() == pytest.approx(want, rel=1e-5)
     if temperature != 1.0:  # the wrong variant: the loss temperature (1.0) instead of the rollout's
-        trainer._reward_scores = None
+        trainer._scores = {}
         trainer.args.reward_temperature = 1.0
         assert trainer._logit_rewards(texts)[0].item() != pytest.approx(want[0], rel=1e-3)
-    trainer.args.no_answer_reward, trainer._reward_scores = None, None  # no format rule: the entropy for every one
+    trainer.args.no_answer_reward, trainer._scores = None, {}  # no format rule: the entropy for every one
     assert trainer._logit_rewards(texts)[1].item() > -7.0
 
 
@@ -250,7 +250,7 @@ def test_self_certainty_is_intuitors(positions, tiny_model_dir, tmp_path):
     trainer = _direct_rl_trainer(tiny_model_dir, tmp_path, method="self-certainty", temperature=0.8,
                                  self_certainty_positions=positions)  # fmt: skip
     prompts, completions = _rollouts(trainer)
-    trainer._rollout_ids, trainer._scores, trainer._reward_scores = (prompts, completions), None, None
+    trainer._rollout_ids, trainer._scores = (prompts, completions), {}
     got = trainer._logit_rewards(["", "", ""])
     want, other = [], []
     for logits, p, c in zip(_full_logits(trainer, prompts, completions), prompts, completions, strict=True):
@@ -263,7 +263,7 @@ def test_self_certainty_is_intuitors(positions, tiny_model_dir, tmp_path):
     assert got.tolist() == pytest.approx(want, rel=1e-5)
     assert got.tolist() != pytest.approx(other, rel=1e-4)  # the other alignment is a different reward
     # the wrong variant: logits / the rollout temperature
-    trainer._reward_scores, trainer.args.reward_temperature = None, 0.8
+    trainer._scores, trainer.args.reward_temperature = {}, 0.8
     assert trainer._logit_rewards(["", "", ""]).tolist() != pytest.approx(want, rel=1e-4)
 
 
@@ -276,7 +276,7 @@ def test_vote_over_more_rollouts_than_trained(tiny_model_dir, tmp_path):
     rows = 8
     output = {"prompt_ids": torch.arange(rows)[:, None].repeat(1, 3), "completion_mask": torch.ones(rows, 5),
               "advantages": torch.arange(rows, dtype=torch.float32), "num_items_in_batch": torch.tensor(40.0)}
-    kept = trainer._drop_vote_only_rollouts(output, rows, 4, 2)
+    kept = trainer._drop_vote_only_rollouts(output, rows)
     assert kept["prompt_ids"][:, 0].tolist() == [0, 1, 4, 5] and kept["advantages"].tolist() == [0, 1, 4, 5]
     assert float(kept["num_items_in_batch"]) == 20.0
     from zerosiam_llm.errors import UserInputError

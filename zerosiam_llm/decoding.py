@@ -49,6 +49,12 @@ class EMInfSettings:
         if not self.kl_weight >= 0:
             raise UserInputError(f"{prefix}kl_weight must be >= 0, got {self.kl_weight}")
 
+    @classmethod
+    def of(cls, config) -> EMInfSettings:
+        """The settings a config holds as ``em_inf_learning_rate`` / ``_steps`` / ``_kl_weight`` / ``_threshold``
+        (the training config and ``zerosiam-eval``'s arguments both do)."""
+        return cls(config.em_inf_learning_rate, config.em_inf_steps, config.em_inf_kl_weight, config.em_inf_threshold)
+
     def processor(self) -> EMInfLogitsProcessor:
         return EMInfLogitsProcessor(self.learning_rate, self.steps, self.kl_weight, self.threshold)
 

@@ -74,8 +74,8 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
             reward = VoteReward(args.method, args.rollouts_per_prompt, lambda a, b: self.grader.equivalent(a, b),
                                 args.vote_clustering)  # fmt: skip
         self._rollout_ids: tuple[list[list[int]], list[list[int]]] | None = None
-        self._scores: SequenceScores | None = None  # this generation batch's monitors, computed once
-        self._reward_scores: SequenceScores | None = None
+        # this generation batch's rollout scores, one pass per (temperature, shifted), computed once
+        self._scores: dict[tuple[float, bool], SequenceScores] = {}
         self._local_rewards: list[float] | None = None
         super().__init__(
             model=model,
@@ -100,8 +100,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
 
     def _generate(self, prompts: list):
         out = super()._generate(prompts)
-        self._rollout_ids = (out[0], out[1])  # prompt and completion token ids, per rollout
-        self._scores = self._reward_scores = None
+        self._rollout_ids, self._scores = (out[0], out[1]), {}  # prompt and completion token ids, per rollout
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -109,10 +108,10 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             start = self.accelerator.process_index * len(prompts)  # gathered in process order
             self._local_rewards = rewards[start : start + len(prompts), 0].tolist()
-            m, k = self.args.rollouts_per_prompt, self.args.num_rollouts
-            if m > k:  # vote-only rollouts: out of GRPO's group baseline and advantages (TRL's unscorable rows)
+            if self.args.rollouts_per_prompt > self.args.num_rollouts:
+                # vote-only rollouts: out of GRPO's group baseline and advantages (TRL's unscorable rows)
                 rewards = rewards.clone()
-                rewards[torch.arange(len(rewards), device=rewards.device) % m >= k] = torch.nan
+                rewards[~self._trained_rows(len(rewards), rewards.device)] = torch.nan
             return rewards
         local = self._logit_rewards(completions)
         self._local_rewards = local.tolist()
@@ -140,16 +139,10 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         ``loss_temperature``, the monitors'); ``shifted``: the logits at each completion token's own position (the
         distribution after it) instead of the one that generated it. The logged ``zerosiam/*`` monitors come from
         the unshifted pass at ``loss_temperature``; each pass is computed once per generation batch."""
-        monitors = temperature is None or (temperature == self.args.loss_temperature and not shifted)
-        cached = self._scores if monitors else self._reward_scores
-        if cached is not None:
-            return cached
-        scores = self._score_rollouts(self.args.loss_temperature if temperature is None else temperature, shifted)
-        if monitors:
-            self._scores = scores
-        else:
-            self._reward_scores = scores
-        return scores
+        key = (self.args.loss_temperature if temperature is None else temperature, shifted)
+        if key not in self._scores:
+            self._scores[key] = self._score_rollouts(*key)
+        return self._scores[key]
 
     def _score_rollouts(self, temperature: float, shifted: bool) -> SequenceScores:
         prompt_ids, completion_ids = self._rollout_ids
@@ -190,15 +183,19 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         rewards = self._local_rewards or [None] * len(inputs)
         self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"], {"reward": rewards})
         self._record_base_nll(output)
-        m, k = self.args.rollouts_per_prompt, self.args.num_rollouts
-        if m > k:
-            output = self._drop_vote_only_rollouts(output, len(inputs), m, k)
+        if self.args.rollouts_per_prompt > self.args.num_rollouts:
+            output = self._drop_vote_only_rollouts(output, len(inputs))
         return output
 
-    def _drop_vote_only_rollouts(self, output: dict[str, Any], rows: int, m: int, k: int) -> dict[str, Any]:
-        """GRPO trains on the first k rollouts of each group of m (TTRL's ``_select_top_k_per_prompt``); the token
-        count that normalises the loss is recounted over them, across processes."""
-        keep = torch.arange(rows, device=self.accelerator.device) % m < k
+    def _trained_rows(self, rows: int, device) -> torch.Tensor:
+        """``[rows]`` bool: the first k rollouts of each consecutive group of m, the ones GRPO trains on (TTRL's
+        ``_select_top_k_per_prompt``)."""
+        return torch.arange(rows, device=device) % self.args.rollouts_per_prompt < self.args.num_rollouts
+
+    def _drop_vote_only_rollouts(self, output: dict[str, Any], rows: int) -> dict[str, Any]:
+        """The batch GRPO trains on: the trained rollouts only (:meth:`_trained_rows`); the token count that
+        normalises the loss is recounted over them, across processes."""
+        keep = self._trained_rows(rows, self.accelerator.device)
         kept = {key: value[keep] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows
                 else value for key, value in output.items()}  # fmt: skip
         if "num_items_in_batch" in output:

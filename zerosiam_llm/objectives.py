@@ -402,6 +402,7 @@ def _objective_output(
     n = stats.shape[1]
     kept = stats[Stat.KEPT] > 0
     n_kept = int(kept.sum())
+    summed = total.item()
     if not mean_over_kept:
         loss = total / (n if num_items is None else num_items)
     elif n_kept == 0:
@@ -425,8 +426,8 @@ def _objective_output(
             top1_above_099=(top1 > 0.99).to(torch.float32).mean().item(),
             kept_share=n_kept / n,
             kept=kept,
-            kept_loss=total.item() / n_kept if n_kept else math.nan,
-            kept_total=total.item(),
+            kept_loss=summed / n_kept if n_kept else math.nan,
+            kept_total=summed,
         )
 
 

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from zerosiam_llm.grading import answer_clusters, extract_answer, normalize_answer
+from zerosiam_llm.grading import answer_clusters, extract_answer, majority_answer, normalize_answer
 
 VOTE_METHODS = ("majority-vote", "semantic-vote")
 LOGIT_METHODS = ("entropy-reward", "self-certainty")
@@ -85,11 +85,9 @@ def majority_vote_rewards(
         label = Counter(keys).most_common(1)[0][0]  # the first key seen among the most common, '' included
         return [1.0 if _grades_equal(key, label, equivalent) else 0.0 for key in keys]
     clusters = answer_clusters(answers, equivalent)
-    counts = Counter(c for c in clusters if c is not None)
-    if not counts:
-        return [0.0] * len(answers)
-    best = counts.most_common(1)[0][0]  # clusters are numbered in order of first occurrence
-    return [1.0 if c == best else 0.0 for c in clusters]
+    winner, _ = majority_answer(answers, equivalent)
+    best = clusters[winner] if winner is not None else None
+    return [1.0 if c is not None and c == best else 0.0 for c in clusters]
 
 
 def semantic_vote_rewards(
@@ -100,12 +98,8 @@ def semantic_vote_rewards(
     (EMPO computes ``-sum p log p < log n`` in float64, which rounds below ln n for some all-distinct groups, e.g.
     n = 7, so its rule never fires there; here the rule is the exact one.)"""
     n = len(answers)
-    if clustering == "string":
-        keys = [normalize_answer(a) if a is not None else "" for a in answers]
-        first: dict[str, int] = {}
-        clusters: list[int | None] = [first.setdefault(k, len(first)) if k else None for k in keys]
-    else:
-        clusters = answer_clusters(answers, equivalent)
+    # string: the groups of equal normalised strings, no merging by equivalence
+    clusters = answer_clusters(answers, equivalent if clustering == "equivalence" else None)
     counts = Counter(c for c in clusters if c is not None)
     distinct = len(counts) + sum(c is None for c in clusters)  # each '' is a singleton in the entropy
     if distinct == n:  # H = ln n: the group has no majority at all

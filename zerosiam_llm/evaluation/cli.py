@@ -110,8 +110,7 @@ class EvalArguments:
 
     @property
     def em_inf_settings(self) -> EMInfSettings:
-        return EMInfSettings(self.em_inf_learning_rate, self.em_inf_steps, self.em_inf_kl_weight,
-                             self.em_inf_threshold)  # fmt: skip
+        return EMInfSettings.of(self)
 
 
 def eval_parser() -> FieldParser:
