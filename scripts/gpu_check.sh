@@ -45,7 +45,7 @@ print(f"N={N} tokens: tent {med['tent']*1e3:.1f} ms, zerosiam {med['zerosiam']*1
 PY
 
 echo "== 2. loss memory, 0.5B-shaped head (d=896), bf16 inputs" | tee -a "$OUT/report.md"
-python benchmarks/bench_loss_memory.py --device cuda --dtype bfloat16 --naive_max 16384 \
+python benchmarks/speed/bench_loss_memory.py --device cuda --dtype bfloat16 --naive_max 16384 \
     2>/dev/null | tee -a "$OUT/report.md"
 
 echo "== 3. qwen-0.5b-shaped training run (random weights, saved locally)" | tee -a "$OUT/report.md"

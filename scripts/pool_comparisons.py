@@ -6,8 +6,8 @@ method and stream, the predictions counted together with a 95% Wilson interval.
 
 import sys
 
+from zerosiam_llm.compare import pool_main
 from zerosiam_llm.errors import run_cli
-from zerosiam_llm.online import pool_main
 
 if __name__ == "__main__":
     sys.exit(run_cli(pool_main, None))

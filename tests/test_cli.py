@@ -111,7 +111,7 @@ def test_long_prompts_are_skipped_or_truncated_and_counted(policy, capsys, tmp_p
 
 
 def test_torn_checkpoint_is_ignored(tmp_path):
-    from zerosiam_llm.callbacks import last_complete_checkpoint
+    from zerosiam_llm.run_dir import last_complete_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -312,7 +312,7 @@ def test_non_finite_and_zero_values_are_refused(flag, value, message, tmp_path, 
 
 
 def test_non_finite_values_in_a_recipe_are_refused(tmp_path):
-    from zerosiam_llm.zerosiam_config import ZeroSiamConfig
+    from zerosiam_llm.configs import ZeroSiamConfig
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rate: .nan\n")  # YAML's own NaN

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from zerosiam_llm.cli import train_main
+from zerosiam_llm.compare import comparison_table
 from zerosiam_llm.data import generate_arithmetic_problems
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import read_jsonl
 from zerosiam_llm.modeling import load_tokenizer, resolve_model
-from zerosiam_llm.online import comparison_table, run_streams, stream_accuracy
+from zerosiam_llm.online import run_streams, stream_accuracy
 from zerosiam_llm.parser import build_config
 from zerosiam_llm.testing import kill_when
 
@@ -131,7 +132,7 @@ def test_two_processes_score_every_problem_once_like_one(tiny_model_dir, tmp_pat
 
 
 def test_stream_batches_split_across_processes():
-    from zerosiam_llm.run_trainer import StreamBatchSampler
+    from zerosiam_llm.trainers.base import StreamBatchSampler
 
     def batches(process, processes, k=1, repeats=1):
         return list(StreamBatchSampler(7, 4, k, repeats, process, processes))
@@ -210,7 +211,7 @@ def test_benchmark_streams_from_local_files(tiny_model_dir, tmp_path, shared_dat
 
 
 def test_pool_comparisons_counts_runs_together(tmp_path, capsys):
-    from zerosiam_llm.online import pool_main
+    from zerosiam_llm.compare import pool_main
 
     def cell(correct, graded):
         return {"problems": graded, "graded": graded, "correct": correct, "accuracy": correct / graded}

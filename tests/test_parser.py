@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from zerosiam_llm.configs import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.parser import build_config, coerce_value, parse_config, resolve_recipe
-from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

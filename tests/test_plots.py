@@ -3,8 +3,8 @@
 import pytest
 
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.experiments.plots import collapse_table, main, plot_runs
 from zerosiam_llm.files import append_jsonl
-from zerosiam_llm.plots import collapse_table, main, plot_runs
 
 
 def _fake_run(path, entropy, repetition, base_nll=None):

@@ -9,18 +9,10 @@ import pytest
 import yaml
 
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.stability import (
-    CELL_FILE,
-    Cell,
-    classify_run,
-    figure_of_merit,
-    healthy_range,
-    load_grid,
-    main,
-    run_grid,
-    run_metrics,
-    summarise_cells,
-)
+from zerosiam_llm.experiments.classify import classify_run, run_metrics
+from zerosiam_llm.experiments.grid import Cell, load_grid
+from zerosiam_llm.experiments.report import figure_of_merit, healthy_range, summarise_cells
+from zerosiam_llm.experiments.stability import CELL_FILE, main, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"

@@ -16,7 +16,7 @@ from trl import DistillationTrainer
 from zerosiam_llm.cli import train_main
 from zerosiam_llm.files import read_jsonl
 from zerosiam_llm.testing import direct_trainer, run_killed_after_checkpoint
-from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
+from zerosiam_llm.trainers.entropy import ZeroSiamTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -65,7 +65,7 @@ def test_train_writes_adapter_predictor_metrics_and_card(tiny_model_dir, tmp_pat
 def test_rollouts_from_the_merged_bf16_copy(tiny_model_dir, tmp_path, monkeypatch):
     """auto picks the bf16 copy on a CPU with native bf16 (else the model itself); after training the copy holds the
     trained LoRA merged; an explicit bfloat16 is honoured whatever the CPU."""
-    from zerosiam_llm import zerosiam_trainer as trainer_module
+    from zerosiam_llm.trainers import entropy as trainer_module
 
     seen = {}
     real = trainer_module.ZeroSiamTrainer._generate_single_turn
@@ -371,7 +371,7 @@ def test_guard_rollback_restores_the_checkpoint_and_lowers_the_lr(tiny_model_dir
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_model_dir, tmp_path, monkeypatch):
-    import zerosiam_llm.zerosiam_trainer as trainer_module
+    import zerosiam_llm.trainers.entropy as trainer_module
 
     real = trainer_module.zerosiam_loss
 
@@ -422,9 +422,9 @@ def test_predictor_clip_holds_when_max_grad_norm_is_0(tiny_model_dir, tmp_path):
 
 
 def test_group_clipping_under_deepspeed_or_fsdp_is_refused(tmp_path):
+    from zerosiam_llm.configs import ZeroSiamConfig
     from zerosiam_llm.errors import UserInputError
-    from zerosiam_llm.zerosiam_config import ZeroSiamConfig
-    from zerosiam_llm.zerosiam_trainer import check_group_clipping
+    from zerosiam_llm.trainers.entropy import check_group_clipping
 
     args = ZeroSiamConfig(output_dir=str(tmp_path))
     with pytest.raises(UserInputError, match="DeepSpeed and FSDP cannot do .* set predictor_max_grad_norm: 0"):
@@ -435,9 +435,9 @@ def test_group_clipping_under_deepspeed_or_fsdp_is_refused(tmp_path):
 
 
 def test_sar_sharpness_aware_pass_needs_unsharded_gradients(tmp_path):
+    from zerosiam_llm.configs import ZeroSiamConfig
     from zerosiam_llm.errors import UserInputError
-    from zerosiam_llm.zerosiam_config import ZeroSiamConfig
-    from zerosiam_llm.zerosiam_trainer import _check_sam_supported
+    from zerosiam_llm.trainers.entropy import _check_sam_supported
 
     sar = ZeroSiamConfig(output_dir=str(tmp_path), method="sar")
     with pytest.raises(UserInputError, match="needs unsharded parameters and gradients .* or sar_rho: 0"):

@@ -217,7 +217,7 @@ def report_prompt_counts(counts: dict, max_prompt: int | None, policy: str) -> N
 def check_full_batch(num_prompts: int, config, num_processes: int = 1, what: str = "the data set") -> None:
     """Refuse a data set that yields no full generation batch (TRL's RepeatSampler drops a last partial batch, so it
     would train nothing); say how many prompts a partial last batch leaves out. An online stream keeps its last,
-    shorter batch (``zerosiam_trainer.StreamBatchSampler``): every problem is scored."""
+    shorter batch (``trainers.base.StreamBatchSampler``): every problem is scored."""
     if config.protocol == "online":
         left = num_prompts % config.stream_batch_size
         if left:

@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
+from zerosiam_llm.configs import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.files import load_yaml
-from zerosiam_llm.zerosiam_config import ZeroSiamConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped in the package: works from any folder
 
@@ -298,7 +298,7 @@ def train_parser(config_class: type = ZeroSiamConfig) -> FieldParser:
 def config_class_for(method: str | None) -> type:
     """The config dataclass of a method: ``LabelFreeConfig`` (GRPO fields too) for the RL methods, else
     ``ZeroSiamConfig``."""
-    from zerosiam_llm.label_free_config import LabelFreeConfig
+    from zerosiam_llm.configs import LabelFreeConfig
     from zerosiam_llm.rewards import RL_METHODS
 
     return LabelFreeConfig if method in RL_METHODS else ZeroSiamConfig

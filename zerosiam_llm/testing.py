@@ -122,7 +122,7 @@ def kill_when(cmd: list[str], env: dict[str, str], ready, timeout: float = 300.0
 _KILL_AFTER_CHECKPOINT = """
 import os, signal, sys
 from transformers import TrainerCallback
-from zerosiam_llm import run_trainer
+from zerosiam_llm.trainers import base as run_trainer
 
 class KillAfterCheckpoint(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):

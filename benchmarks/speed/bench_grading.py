@@ -1,7 +1,7 @@
 """Grading throughput: MATH-500 gold answers x 16 completions (8000 answers, mixed correct / equivalent / wrong /
 unextractable) plus pathological answers, graded by the project's Grader with its per-answer deadline.
 
-    python benchmarks/bench_grading.py [--data ../shared/data/math500_test.jsonl] [--workers 2] [--rounds 3]
+    python benchmarks/speed/bench_grading.py [--data ../shared/data/math500_test.jsonl] [--workers 2] [--rounds 3]
 
 Completions are short texts ending in an answer, so the time measured is extraction + math-verify, the part the
 grader owns. Goal: <= 60 s on 2 cores with the deadline enforced.
@@ -51,7 +51,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/math500_test.jsonl"
+        "--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/math500_test.jsonl"
     )
     parser.add_argument("--per_problem", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)

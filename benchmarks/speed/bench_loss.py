@@ -12,11 +12,11 @@ Variants (each in its own subprocess, so the peak RSS is the variant's own):
   naive-tent     full [N, V] logits, then torch ops
   naive-zerosiam full [N, V] logits for both branches, then torch ops (objectives.reference_terms)
 
-    python benchmarks/bench_loss.py                 # all variants, interleaved, 3 rounds, prints a table
-    python benchmarks/bench_loss.py --rounds 5 --batch 8 --length 256
-    python benchmarks/bench_loss.py --paired 8      # tent and zerosiam alternating in one process: the ratio
-    python benchmarks/bench_loss.py --paired 8 --paired_variants tent,come
-    python benchmarks/bench_loss.py --paired 8 --paired_variants tent,sar,sar-sam
+    python benchmarks/speed/bench_loss.py                 # all variants, interleaved, 3 rounds, prints a table
+    python benchmarks/speed/bench_loss.py --rounds 5 --batch 8 --length 256
+    python benchmarks/speed/bench_loss.py --paired 8      # tent and zerosiam alternating in one process: the ratio
+    python benchmarks/speed/bench_loss.py --paired 8 --paired_variants tent,come
+    python benchmarks/speed/bench_loss.py --paired 8 --paired_variants tent,sar,sar-sam
 
 Each timed step is one backbone forward + loss + backward (LoRA r = 16 on all linear layers, fp32); the printed time
 is the median over rounds after one warm-up step per process. Peak RSS is the process high-water mark, which

@@ -1,7 +1,7 @@
 """Peak extra memory of the ZeroSiam loss (forward + backward) vs naive full logits, with a Qwen2.5-0.5B-shaped head.
 
-    python benchmarks/bench_loss_memory.py                        # CPU: N = 1k, 4k, 16k; naive up to 4k
-    python benchmarks/bench_loss_memory.py --device cuda --dtype bfloat16 --naive_max 16384
+    python benchmarks/speed/bench_loss_memory.py                        # CPU: N = 1k, 4k, 16k; naive up to 4k
+    python benchmarks/speed/bench_loss_memory.py --device cuda --dtype bfloat16 --naive_max 16384
 
 d = 896, V = 151936 (random weights). "Extra" = peak during the loss minus the memory held before it (hidden
 states, head weight, predictor). CUDA: torch.cuda.max_memory_allocated. CPU: each (variant, N) runs in its own

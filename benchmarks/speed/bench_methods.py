@@ -1,7 +1,7 @@
 """Whole online step of each label-free method against Tent with the same number of rollouts, paired in one process.
 
-    python benchmarks/bench_methods.py --batches 4                 # tent + the four RL methods, k = 4
-    python benchmarks/bench_methods.py --batches 4 --methods tent,zerosiam,majority-vote
+    python benchmarks/speed/bench_methods.py --batches 4                 # tent + the four RL methods, k = 4
+    python benchmarks/speed/bench_methods.py --batches 4 --methods tent,zerosiam,majority-vote
 
 Each method runs through its real trainer (``ZeroSiamTrainer`` for tent / zerosiam, ``LabelFreeTrainer`` for the RL
 methods) on its own copy of the embedded SmolLM2-135M with LoRA r16, online protocol, the same stream of generated

@@ -3,7 +3,7 @@
 with avx512_bf16); the training policy (LoRA r16) generating unmerged in fp32 as TRL's HF path does, and from the
 merged bf16 copy (rollout_copy.MergedRolloutCopy, `rollout_dtype: auto`) the trainer now generates from.
 
-    python benchmarks/bench_rollout.py [--batch 32] [--max_new_tokens 64] [--rounds 2]
+    python benchmarks/speed/bench_rollout.py [--batch 32] [--max_new_tokens 64] [--rounds 2]
 
 Prompts: the first `batch` GSM8K test questions through the chat template; greedy. tokens/s counts generated
 tokens up to and including the end-of-turn token ("useful" tokens), over the wall time of the generate call.
@@ -28,7 +28,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/gsm8k_test.jsonl"
+        "--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared/data/gsm8k_test.jsonl"
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=64)

@@ -1,8 +1,8 @@
 """Whole online step (rollout + update), ZeroSiam vs Tent, on the embedded SmolLM2-135M and the same stream.
 
-    python benchmarks/bench_step.py                      # 2 rounds x {lr 0, lr 3e-4} x {tent, zerosiam}
-    python benchmarks/bench_step.py --rounds 2 --num_problems 48 --lrs 0
-    python benchmarks/bench_step.py --paired 8     # both methods alternating in one process: the ratio to quote
+    python benchmarks/speed/bench_step.py                      # 2 rounds x {lr 0, lr 3e-4} x {tent, zerosiam}
+    python benchmarks/speed/bench_step.py --rounds 2 --num_problems 48 --lrs 0
+    python benchmarks/speed/bench_step.py --paired 8     # both methods alternating in one process: the ratio to quote
 
 Each run is `python train.py --recipe smollm2-135m-online-cpu --method M --learning_rate LR` in its own process
 (greedy answers of <= 96 tokens, batches of 8, one update per batch), methods interleaved within a round. The time of
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from paired import print_paired
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("tent", "zerosiam")
 
 

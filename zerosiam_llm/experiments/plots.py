@@ -1,6 +1,7 @@
 """Collapse curves of one or more runs, from their ``metrics.jsonl``, and a first -> last summary table.
 
-    python -m zerosiam_llm.plots outputs/tent outputs/zerosiam --output curves.png --labels "tent lr 3e-4,zerosiam"
+    python -m zerosiam_llm.experiments.plots outputs/tent outputs/zerosiam --output curves.png \
+        --labels "tent lr 3e-4,zerosiam"
 
 Draws a grid of the signals that tell a healthy adaptation from a collapsing one (``shared/DESIGN.md`` §1): H(p_r)
 and H(p_o), logit norm, repetition, answer dominance, answer rate, base-model NLL, monitor accuracy and predictor
@@ -16,8 +17,8 @@ from pathlib import Path
 
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_path, read_jsonl
+from zerosiam_llm.run_dir import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"  # the trainer's per-step log (trainer.METRICS_FILE)
 FORMATS = ("png", "pdf", "svg")
 
 # (panel title, [(metric, series name or "" for a single series)])
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from zerosiam_llm.errors import run_cli
 
     def _main(args: list[str]) -> int:
-        parser = _Parser(prog="python -m zerosiam_llm.plots", description=__doc__.split("\n\n")[0])
+        parser = _Parser(prog="python -m zerosiam_llm.experiments.plots", description=__doc__.split("\n\n")[0])
         parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run output directories")
         parser.add_argument("--output", type=Path, default=Path("curves.png"), help="image file (.png, .pdf, .svg)")
         parser.add_argument("--labels", default=None, help="comma-separated legend labels, one per run")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from zerosiam_llm.label_free_config import LabelFreeConfig
-from zerosiam_llm.label_free_trainer import LabelFreeTrainer
-from zerosiam_llm.zerosiam_config import ZeroSiamConfig
-from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
+from zerosiam_llm.configs import LabelFreeConfig, ZeroSiamConfig
+from zerosiam_llm.trainers.entropy import ZeroSiamTrainer
+from zerosiam_llm.trainers.grpo import LabelFreeTrainer
 
 
 def trainer_class(config: ZeroSiamConfig) -> type:

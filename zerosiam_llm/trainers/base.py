@@ -26,21 +26,23 @@ from transformers import TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from zerosiam_llm.callbacks import (
-    GUARD_STATE_FILE,
-    METRICS_FILE,
-    PREDICTIONS_FILE,
-    SAMPLES_FILE,
-    CollapseGuardCallback,
-    RunRecordCallback,
-    StepProgressCallback,
-    last_complete_checkpoint,
-)
 from zerosiam_llm.card import PAPERS
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, read_jsonl
 from zerosiam_llm.modeling import causal_lm
 from zerosiam_llm.monitoring import base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
+from zerosiam_llm.run_dir import (
+    GUARD_STATE_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    SAMPLES_FILE,
+    last_complete_checkpoint,
+)
+from zerosiam_llm.trainers.callbacks import (
+    CollapseGuardCallback,
+    RunRecordCallback,
+    StepProgressCallback,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ step progress bar, and the collapse guard with its healthy checkpoints; and the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,20 +17,20 @@ from transformers.trainer_callback import ProgressCallback
 
 from zerosiam_llm.files import append_jsonl, atomic_path, atomic_write_json, read_jsonl
 from zerosiam_llm.monitoring import CollapseGuard
+from zerosiam_llm.run_dir import (
+    GUARD_EVENTS_FILE,
+    GUARD_STATE_FILE,
+    HEALTHY_DIR,
+    METRICS_FILE,
+    RECOVERY_STATE_FILE,
+    SAMPLES_FILE,
+)
 
 if TYPE_CHECKING:
-    from zerosiam_llm.zerosiam_trainer import ZeroSiamTrainer
+    from zerosiam_llm.trainers.entropy import ZeroSiamTrainer
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-PREDICTIONS_FILE = "predictions.jsonl"
-GUARD_EVENTS_FILE = "guard_events.jsonl"
-GUARD_STATE_FILE = "collapse_guard.json"
-RECOVERY_STATE_FILE = "sar_recovery.json"
-HEALTHY_DIR = "healthy"
 
 
 class RunRecordCallback(TrainerCallback):
@@ -261,30 +260,3 @@ class ModelRecoveryCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             atomic_write_json(folder / RECOVERY_STATE_FILE, self.average.state_dict())
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` that was fully written (HF writes ``trainer_state.json`` last, not atomically: a
-    kill while it is written leaves it empty or cut, so it must parse); a checkpoint torn by a kill mid-save is
-    skipped."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    complete = []
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and _parses(path / "trainer_state.json"):
-            complete.append((int(suffix), path))
-        elif suffix.isdigit():
-            logger.warning("ignoring incomplete checkpoint %s (killed while saving)", path)
-    return str(max(complete)[1]) if complete else None
-
-
-def _parses(path: Path) -> bool:
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True

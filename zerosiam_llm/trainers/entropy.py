@@ -29,8 +29,8 @@ from transformers import TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
-from zerosiam_llm.callbacks import RECOVERY_STATE_FILE, ModelRecoveryCallback
 from zerosiam_llm.card import PAPERS
+from zerosiam_llm.configs import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.modeling import (
     PREDICTOR_ATTRIBUTE,
@@ -45,9 +45,10 @@ from zerosiam_llm.objectives import come_loss, sar_loss, zerosiam_loss
 from zerosiam_llm.optimizers import AdamWWithSGDGroups
 from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_state_, save_predictor
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
-from zerosiam_llm.run_trainer import RunTrainerMixin
+from zerosiam_llm.run_dir import RECOVERY_STATE_FILE
 from zerosiam_llm.sar import sam_ascend, sam_return
-from zerosiam_llm.zerosiam_config import ZeroSiamConfig
+from zerosiam_llm.trainers.base import RunTrainerMixin
+from zerosiam_llm.trainers.callbacks import ModelRecoveryCallback
 
 logger = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from zerosiam_llm.card import PAPERS
+from zerosiam_llm.configs import LabelFreeConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.grading import has_boxed
-from zerosiam_llm.label_free_config import LabelFreeConfig
 from zerosiam_llm.modeling import causal_lm, check_plain_head, final_hidden_states
 from zerosiam_llm.objectives import SequenceScores, sequence_scores
 from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward, completion_text
-from zerosiam_llm.run_trainer import RunTrainerMixin
+from zerosiam_llm.trainers.base import RunTrainerMixin
 
 logger = logging.getLogger(__name__)
 
