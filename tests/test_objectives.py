@@ -400,3 +400,27 @@ def test_sar_margin_units_quantile_and_nats(token_chunk, monkeypatch):
         sar_loss(hidden, mask, weight, 1.5, margin_unit="quantile")
     with pytest.raises(UserInputError, match="sar_margin_unit"):
         sar_loss(hidden, mask, weight, 0.5, margin_unit="percent")
+
+
+@pytest.mark.parametrize("method", ["zerosiam", "tent"])
+def test_the_plain_definition_equals_the_fused_kernel(method):
+    """objectives.zerosiam_loss_reference (the loss on one screen, full logits) and the chunked kernel the trainers
+    call: the same value and the same gradients, in float64, with chunks smaller than the tokens and the vocabulary."""
+    from zerosiam_llm.objectives import zerosiam_loss_reference
+
+    torch.manual_seed(0)
+    d, vocab = 16, 50
+    hidden = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 5) > 0.3
+    weight = torch.randn(vocab, d, dtype=torch.float64)
+    predictor, alpha = None, 0.0
+    if method == "zerosiam":
+        predictor, alpha = torch.nn.Linear(d, d, bias=False).double(), 1.0
+        torch.nn.init.eye_(predictor.weight)
+        predictor.weight.data += 0.05 * torch.randn(d, d, dtype=torch.float64)  # P != I: the KL terms are nonzero
+    params = [hidden] + ([predictor.weight] if predictor else [])
+    plain = zerosiam_loss_reference(hidden, mask, weight, predictor, alpha=alpha, temperature=0.7)
+    fused = zerosiam_loss(hidden, mask, weight, predictor, alpha=alpha, temperature=0.7, vocab_chunk=16, token_chunk=3)
+    torch.testing.assert_close(fused.loss, plain, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(fused.loss, params), torch.autograd.grad(plain, params), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
