@@ -205,7 +205,7 @@ class CollapseGuardCallback(TrainerCallback):
         if healthy is not None:
             saved, source = load_file(str(healthy / "trainable.safetensors")), str(healthy)
         else:  # nothing promoted yet: the weights the run started from (fresh adapter, P = I)
-            saved, source = self.trainer._initial_trainable, "the run's initial adapter"
+            saved, source = self.trainer.initial_trainable, "the run's initial adapter"
         self.trainer.load_trainable(saved)
         logger.warning("collapse guard: restored weights from %s", source)
         return source
@@ -236,12 +236,11 @@ class ModelRecoveryCallback(TrainerCallback):
             local = trainer.accelerator.reduce(torch.tensor(local, device=trainer.accelerator.device), "sum").tolist()
         loss = local[0] / local[1] if local[1] > 0 else None
         fired = self.average.update(loss)
-        metrics = trainer._metrics["train"]
-        metrics["sar/loss_ema"].append(self.average.ema if self.average.ema is not None else float("nan"))
-        metrics["sar/resets"].append(float(self.average.resets))
+        trainer.record_metric("sar/loss_ema", self.average.ema if self.average.ema is not None else float("nan"))
+        trainer.record_metric("sar/resets", float(self.average.resets))
         if not fired:
             return
-        trainer.load_trainable(trainer._initial_trainable)
+        trainer.load_trainable(trainer.initial_trainable)
         trainer.optimizer.state.clear()
         below = self.average.threshold
         message = (
