@@ -1,4 +1,4 @@
-"""Replay SAR's model-recovery rule on the logged per-update entropy of finished runs (README, "SAR on LLMs").
+"""Replay SAR's model-recovery rule on the logged per-update entropy of finished runs (docs/methods.md, "SAR on LLMs").
 
     python scripts/sar_replay.py results/paper-table-cpu results/all-methods-cpu --stability results/stability/final
 

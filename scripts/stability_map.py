@@ -1,5 +1,5 @@
 """Stability map: methods x learning rates x seeds on the online protocol, each run classified healthy / degraded /
-collapsed (see ``zerosiam_llm/experiments/stability.py`` and the README's "Stability" section).
+collapsed (see ``zerosiam_llm/experiments/stability.py`` and docs/stability.md).
 
     python scripts/stability_map.py --grid recipes/stability/final.yaml --data_dir ../shared/data \
         --output_dir outputs/stability

@@ -1,5 +1,5 @@
 """The per-token entropy distribution of a model's own greedy answers on an online stream: the evidence behind SAR's
-reliable-entropy threshold E0 and its model-recovery threshold on LLM vocabularies (README, "SAR on LLMs").
+reliable-entropy threshold E0 and its model-recovery threshold on LLM vocabularies (docs/methods.md, "SAR on LLMs").
 
     python scripts/token_entropy.py --stream gsm8k --data_dir ../shared/data --num_problems 64
     python scripts/token_entropy.py --stream arithmetic --num_problems 64 --output results/sar-thresholds/arith.json

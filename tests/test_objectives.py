@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from zerosiam_llm import objectives
+from zerosiam_llm import chunked
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.objectives import (
     Stat,
@@ -56,7 +56,7 @@ def _reference_loss(hidden, mask, weight, predictor, alpha, temperature):
 def test_matches_float64_full_logits_reference(form, dtype, block_rows, monkeypatch):
     """Loss and gradients w.r.t. hidden states and predictor match full logits in float64 (rel 1e-5)."""
     if block_rows:  # several (ragged) row blocks per token chunk, as with a real vocabulary
-        monkeypatch.setattr(objectives, "_CPU_BLOCK_BYTES", block_rows * V * dtype.itemsize)
+        monkeypatch.setattr(chunked, "_CPU_BLOCK_BYTES", block_rows * V * dtype.itemsize)
     hidden, weight, mask = _inputs(dtype=dtype)
     temperature, alpha = 0.7, 1.0
     pred = _random_predictor(form, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -312,7 +312,7 @@ def _sar_reference(hidden, mask, weight, margin, temperature, keep=None):
 def test_sar_loss_matches_the_reference_filter_and_gradient(token_chunk, monkeypatch):
     """SAR: the mean entropy over the reliable tokens only (and over ``keep``), loss and gradient float64-exact;
     unreliable tokens get no gradient at all."""
-    monkeypatch.setattr(objectives, "_CPU_BLOCK_BYTES", 2 * V * 8)  # several row blocks per chunk
+    monkeypatch.setattr(chunked, "_CPU_BLOCK_BYTES", 2 * V * 8)  # several row blocks per chunk
     hidden, weight, mask = _inputs(seed=21, dtype=torch.float64)
     # rows of very different scale: confident tokens (low entropy) next to near-uniform ones (entropy ~ ln V)
     scale = torch.linspace(0.02, 1.5, hidden.shape[1], dtype=torch.float64)[None, :, None]
@@ -367,7 +367,7 @@ def test_sar_loss_without_a_reliable_token_is_zero_and_keep_is_checked():
 def test_sar_margin_units_quantile_and_nats(token_chunk, monkeypatch):
     """E0 as a per-batch quantile of the token entropies (over ``keep``) or in nats: the same reference filter,
     loss and gradient float64-exact; the E0 used is reported in nats; the SAM pass reuses it in nats."""
-    monkeypatch.setattr(objectives, "_CPU_BLOCK_BYTES", 2 * V * 8)
+    monkeypatch.setattr(chunked, "_CPU_BLOCK_BYTES", 2 * V * 8)
     hidden, weight, mask = _inputs(seed=22, dtype=torch.float64)
     scale = torch.linspace(0.02, 1.5, hidden.shape[1], dtype=torch.float64)[None, :, None]
     hidden = (hidden * scale).requires_grad_(True)

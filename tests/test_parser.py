@@ -25,7 +25,8 @@ def test_every_recipe_is_a_valid_config(name):
 def test_overrides_and_types():
     config = build_config("smollm2-135m-cpu", {"learning_rate": "3e-4", "method": "tent", "lora_r": "8"}, RECIPES)
     assert config.learning_rate == 3e-4 and config.lora_r == 8
-    assert config.method == "tent" and config.alpha == 0.0 and not config.uses_predictor
+    assert config.method == "tent" and not config.uses_predictor
+    assert config.alpha == 1.0  # kept as given (the default): Tent never reads it, so it is not rewritten to 0
     assert build_config(None, {"predictor_learning_rate": "null"}, RECIPES).resolved_predictor_learning_rate == 3e-3
     assert build_config(None, {"lora_target_modules": "q_proj,v_proj"}, RECIPES).lora_target_modules == [
         "q_proj", "v_proj"]  # fmt: skip

@@ -284,7 +284,7 @@ def test_vote_over_more_rollouts_than_trained(tiny_model_dir, tmp_path):
 
     with pytest.raises(UserInputError, match="num_vote_rollouts .1. must be >= num_rollouts .2."):
         build_config("smollm2-135m-cpu", {"method": "majority-vote", "num_rollouts": 2, "num_vote_rollouts": 1})
-    with pytest.raises(UserInputError, match="num_vote_rollouts is for the vote methods"):
+    with pytest.raises(UserInputError, match="num_vote_rollouts is read by method .* only, not by entropy-reward"):
         build_config("smollm2-135m-cpu", {"method": "entropy-reward", "num_rollouts": 2, "num_vote_rollouts": 4})
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from zerosiam_llm.files import atomic_write_text
+from zerosiam_llm.methods import REGISTRY
 from zerosiam_llm.modeling import resolve_model
 
 CARD_METRICS = {
@@ -21,88 +22,7 @@ CARD_METRICS = {
     "completions/answer_rate": "share of completions with an extractable answer",
     "monitor/accuracy": "monitor-only accuracy against gold answers (never used for training)",
 }
-PAPERS = {
-    "zerosiam": {
-        "name": "ZeroSiam",
-        "title": "ZeroSiam: An Efficient Asymmetry for Test-Time Entropy Optimization without Collapse",
-        "id": "2509.23183",
-        "citation": (
-            "@inproceedings{chen2026zerosiam,\n  title={ZeroSiam: An Efficient Asymmetry for Test-Time Entropy "
-            "Optimization without Collapse},\n  author={Chen, Guohao and Niu, Shuaicheng and Chen, Deyu and Yang, "
-            "Jiahao and Zhang, Zitian and Tan, Mingkui and Wu, Pengcheng and Shen, Zhiqi},\n  booktitle={ICLR},\n"
-            "  year={2026}\n}"
-        ),
-    },
-    "come": {
-        "name": "COME",
-        "title": "COME: Test-time Adaption by Conservatively Minimizing Entropy",
-        "id": "2410.10894",
-        "citation": (
-            "@inproceedings{zhang2025come,\n  title={COME: Test-time Adaption by Conservatively Minimizing Entropy},\n"
-            "  author={Zhang, Qingyang and Bian, Yatao and Kong, Xinke and Zhao, Peilin and Zhang, Changqing},\n"
-            "  booktitle={ICLR},\n  year={2025}\n}"
-        ),
-    },
-    "sar": {
-        "name": "SAR",
-        "title": "Towards Stable Test-Time Adaptation in Dynamic Wild World",
-        "id": "2302.12400",
-        "citation": (
-            "@inproceedings{niu2023sar,\n  title={Towards Stable Test-Time Adaptation in Dynamic Wild World},\n"
-            "  author={Niu, Shuaicheng and Wu, Jiaxiang and Zhang, Yifan and Wen, Zhiquan and Chen, Yaofo and Zhao, "
-            "Peilin and Tan, Mingkui},\n  booktitle={ICLR},\n  year={2023}\n}"
-        ),
-    },
-    "majority-vote": {
-        "name": "TTRL",
-        "title": "TTRL: Test-Time Reinforcement Learning",
-        "id": "2504.16084",
-        "citation": (
-            "@article{zuo2025ttrl,\n  title={TTRL: Test-Time Reinforcement Learning},\n  author={Zuo, Yuxin and "
-            "Zhang, Kaiyan and others},\n  journal={arXiv preprint arXiv:2504.16084},\n  year={2025}\n}"
-        ),
-    },
-    "semantic-vote": {
-        "name": "EMPO",
-        "title": "Right Question is Already Half the Answer: Fully Unsupervised LLM Reasoning Incentivization",
-        "id": "2504.05812",
-        "citation": (
-            "@article{zhang2025empo,\n  title={Right Question is Already Half the Answer: Fully Unsupervised LLM "
-            "Reasoning Incentivization},\n  author={Zhang, Qingyang and others},\n  journal={arXiv preprint "
-            "arXiv:2504.05812},\n  year={2025}\n}"
-        ),
-    },
-    "entropy-reward": {
-        "name": "RENT",
-        "title": "Maximizing Confidence Alone Improves Reasoning",
-        "id": "2505.22660",
-        "citation": (
-            "@article{prabhudesai2025rent,\n  title={Maximizing Confidence Alone Improves Reasoning},\n  author={"
-            "Prabhudesai, Mihir and Chen, Lili and Ippoliti, Alex and Fragkiadaki, Katerina and Liu, Hao and Pathak, "
-            "Deepak},\n  journal={arXiv preprint arXiv:2505.22660},\n  year={2025}\n}"
-        ),
-    },
-    "self-certainty": {
-        "name": "Intuitor",
-        "title": "Learning to Reason without External Rewards",
-        "id": "2505.19590",
-        "citation": (
-            "@article{zhao2025intuitor,\n  title={Learning to Reason without External Rewards},\n  author={Zhao, "
-            "Xuandong and Kang, Zhewei and Feng, Aosong and Levine, Sergey and Song, Dawn},\n  journal={arXiv "
-            "preprint arXiv:2505.19590},\n  year={2025}\n}"
-        ),
-    },
-    "tent": {
-        "name": "Tent",
-        "title": "Tent: Fully Test-time Adaptation by Entropy Minimization",
-        "id": "2006.10726",
-        "citation": (
-            "@inproceedings{wang2021tent,\n  title={Tent: Fully Test-time Adaptation by Entropy Minimization},\n"
-            "  author={Wang, Dequan and Shelhamer, Evan and Liu, Shaoteng and Olshausen, Bruno and Darrell, Trevor},\n"
-            "  booktitle={ICLR},\n  year={2021}\n}"
-        ),
-    },
-}
+
 
 
 def base_model_id(spec: str) -> str | None:
@@ -176,7 +96,7 @@ def _training_section(args, metrics: list[dict]) -> str:
         f"{args.sar_reset_below}{' x the first loss' if args.sar_reset_unit == 'initial' else ' nats'} (SAR).",
     }.get(args.method, ".")
     signal = f"the loss is the model's own token entropy{loss}"
-    if args.method in PAPERS and args.method not in ("zerosiam", "come", "sar", "tent"):  # the RL methods
+    if REGISTRY[args.method].family == "grpo":
         signal = f"the reward of each of the k = {args.num_rollouts} rollouts per prompt comes from the model itself."
     lines = [
         f"Adapted at test time with **{method}** on unlabeled prompts from `{args.dataset}`. **Trained without "
@@ -186,7 +106,7 @@ def _training_section(args, metrics: list[dict]) -> str:
         "|---|---|",
         f"| recipe | `{args.recipe or '(command line)'}` |",
         f"| base model | `{args.model}` |",
-        f"| method | {args.method} (alpha = {args.alpha}) |",
+        f"| method | {args.method}" + (f" (alpha = {args.alpha})" if args.method == "zerosiam" else "") + " |",
         f"| protocol | {args.protocol} |",
     ]
     if args.method == "zerosiam":

@@ -74,8 +74,8 @@ def train(argv: list[str]) -> int:
     from transformers import set_seed
 
     from zerosiam_llm.data import build_prompt_dataset, check_full_batch, prompt_budget, report_prompt_counts
+    from zerosiam_llm.methods import get_method
     from zerosiam_llm.modeling import load_model, load_tokenizer, make_lora_config, resolve_model, warn_remote_code
-    from zerosiam_llm.trainers import trainer_class
 
     source = resolve_model(config.model)
     if PartialState().is_main_process:
@@ -108,8 +108,8 @@ def train(argv: list[str]) -> int:
     report_prompt_counts(counts, max_prompt, config.long_prompt)
     check_full_batch(len(dataset), config, PartialState().num_processes)
     lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    trainer = trainer_class(config)(model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                    peft_config=lora)  # fmt: skip
+    trainer_class = get_method(config.method).trainer_class
+    trainer = trainer_class(model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     out = Path(config.output_dir)
     if trainer.is_world_process_zero():
         commit_output_dir(plan, config)

@@ -107,10 +107,10 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
 
 def method_overrides(config: ZeroSiamConfig, method: str) -> list[str]:
     """The ``--field value`` flags ``compare_overrides`` sets for ``method`` (its group's, then its own)."""
-    from zerosiam_llm.rewards import RL_METHODS
+    from zerosiam_llm.methods import REGISTRY
 
     overrides = config.compare_overrides or {}
-    group = "rl" if method in RL_METHODS else "entropy"
+    group = "rl" if REGISTRY[method].family == "grpo" else "entropy"
     values = {**overrides.get(group, {}), **overrides.get(method, {})}
     flags = []
     for name, value in values.items():

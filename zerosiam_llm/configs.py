@@ -18,6 +18,7 @@ import dataclasses
 import enum
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +28,12 @@ from trl import DistillationConfig, GRPOConfig
 from zerosiam_llm.decoding import DECODINGS, EM_INF_HELP, EMInfSettings
 from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.grading import GOLD_STYLES
+from zerosiam_llm.methods import ENTROPY_METHODS, GRPO_METHODS, METHODS, REGISTRY, unused_fields
 from zerosiam_llm.predictor import PREDICTOR_FORMS
 from zerosiam_llm.prompts import DEFAULT_INSTRUCTION, INSTRUCTION_PLACEMENTS
-from zerosiam_llm.rewards import RL_METHODS, VOTE_CLUSTERINGS, VOTE_METHODS
+from zerosiam_llm.rewards import VOTE_CLUSTERINGS
 from zerosiam_llm.sar import MARGIN_UNITS, RESET_UNITS
 
-ENTROPY_METHODS = ("zerosiam", "tent", "come", "sar", "none")  # ZeroSiamTrainer's (none: the online baseline)
-METHODS = ENTROPY_METHODS + RL_METHODS  # RL_METHODS: LabelFreeTrainer's (configs.py)
 PROTOCOLS = ("offline", "online")
 OPTIMIZERS = ("adamw", "sgd")
 ROLLOUT_DTYPES = ("auto", "bfloat16", "model")
@@ -58,7 +58,7 @@ class ZeroSiamConfig(DistillationConfig):
     temperature, use_vllm, vllm_mode, report_to, push_to_hub, ...). Teacher fields and `beta` are not used.
     """
 
-    trainer_methods = ENTROPY_METHODS  # the methods this config's trainer runs (LabelFreeConfig: the RL ones)
+    trainer_methods = ENTROPY_METHODS  # the methods this config's trainer runs (LabelFreeConfig: the GRPO ones)
     unsupported_fields = UNSUPPORTED_FIELDS
 
     # ---- model ----
@@ -115,9 +115,9 @@ class ZeroSiamConfig(DistillationConfig):
     predictor_lr_ratio: float = field(
         default=30.0,
         metadata={
-            "help": "Predictor lr / LoRA lr when predictor_learning_rate is None. 30: in the stability study (README) "
-            "the AdamW predictor at 30x held longest before a guard rule fired (1 seed: 3x, 10x, SGD 10x/100x, lora "
-            "and alpha 2 degraded earlier)."
+            "help": "Predictor lr / LoRA lr when predictor_learning_rate is None. 30: in the stability study "
+            "(results/stability/README.md) the AdamW predictor at 30x held longest before a guard rule fired (1 seed: "
+            "3x, 10x, SGD 10x/100x, lora and alpha 2 degraded earlier)."
         },
     )
     predictor_weight_decay: float = field(
@@ -127,8 +127,9 @@ class ZeroSiamConfig(DistillationConfig):
         default=0.8,
         metadata={
             "help": "SAR's reliable-entropy threshold E0, in sar_margin_unit: tokens with entropy >= E0 are left out "
-            "of the loss. Default: the 0.8-quantile of each batch (the top-entropy fifth dropped; README, 'SAR on "
-            "LLMs'). The reference's 0.4 x ln V (sar_margin_unit: ln_v) keeps 999 in 1000 of this model's tokens."
+            "of the loss. Default: the 0.8-quantile of each batch (the top-entropy fifth dropped; docs/methods.md, "
+            "'SAR on LLMs'). The reference's 0.4 x ln V (sar_margin_unit: ln_v) keeps 999 in 1000 of this model's "
+            "tokens."
         },
     )
     sar_margin_unit: str = field(
@@ -164,7 +165,7 @@ class ZeroSiamConfig(DistillationConfig):
         metadata={
             "help": "Decay of the loss moving average SAR's model recovery reads. The reference's 0.9 suits its "
             "hundreds of batches; on a 16-update stream it cannot fall below 0.2 x its start even if the loss drops "
-            "to 0 at once (0.9^15 = 0.21), so the reset would never fire (README, 'SAR on LLMs')."
+            "to 0 at once (0.9^15 = 0.21), so the reset would never fire (docs/methods.md, 'SAR on LLMs')."
         },
     )
     predictor_max_grad_norm: float = field(
@@ -326,7 +327,7 @@ class ZeroSiamConfig(DistillationConfig):
         metadata={"help": "The bundled recipe (NAME) or YAML file to start from; recorded in resolved_config.yaml."},
     )
 
-    # ---- TRL / HF defaults that differ ----
+    # ---- run: TRL / HF fields whose defaults differ here ----
     output_dir: str | None = field(default="outputs/zerosiam", metadata={"help": "Where the run is written."})
     learning_rate: float = field(default=1e-4, metadata={"help": "LoRA learning rate."})
     bf16: bool | None = field(
@@ -350,16 +351,21 @@ class ZeroSiamConfig(DistillationConfig):
     disable_tqdm: bool | None = field(
         default=False, metadata={"help": "Hide the training progress bar (a short line per logged step instead)."}
     )
+    # ---- TRL's names (its scripts' ModelConfig / ScriptArguments) for fields above: either spelling is accepted ----
+    model_name_or_path: str | None = field(default=None, metadata={"help": "TRL's name for model (an alias)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "TRL's name for dataset (an alias)."})
+    dataset_train_split: str | None = field(
+        default=None, metadata={"help": "TRL's name for dataset_split (an alias)."}
+    )
 
     def __post_init__(self) -> None:
+        self._resolve_aliases()
         self._parse_structured_fields()
         self._validate()
         if self.bf16 is None:
             self.bf16 = _cuda_bf16()
         if self.protocol == "online":
             self._setup_online()
-        if self.method in ("tent", "come", "sar", "none"):
-            self.alpha = 0.0
         if self.temperature == 0:
             # greedy decoding (a generation setting; the loss has its own loss_temperature): HF generate takes
             # do_sample=False, vLLM takes temperature 0; TRL's GenerationConfig keeps a valid temperature
@@ -370,6 +376,18 @@ class ZeroSiamConfig(DistillationConfig):
             super().__post_init__()
         except (ValueError, TypeError) as err:
             raise UserInputError(first_line(err)) from None
+
+    def _resolve_aliases(self) -> None:
+        """TRL's spelling of a field and the project's name the same value; both given and different: refused."""
+        fields = config_fields(type(self))
+        for alias, name in FIELD_ALIASES.items():
+            value = getattr(self, alias, None)
+            if value is not None and getattr(self, name) not in (value, fields[name].default):
+                raise UserInputError(f"{alias} is TRL's name for {name}: give one of them, not {name}="
+                                     f"{getattr(self, name)!r} and {alias}={value!r}")  # fmt: skip
+            if value is not None:
+                setattr(self, name, value)
+            setattr(self, alias, getattr(self, name))  # either spelling reads the value
 
     def _parse_structured_fields(self) -> None:
         # on the command line, structured fields come as JSON (as TRL's do) and lists as "a,b" or several values
@@ -405,7 +423,14 @@ class ZeroSiamConfig(DistillationConfig):
         # one generation batch = one stream batch, k answers per problem, in the stream's fixed order, split across
         # the processes a launcher started (WORLD_SIZE): each answers ceil(stream_batch_size / processes) problems
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        self.per_device_train_batch_size = math.ceil(self.stream_batch_size / processes) * self.rollouts_per_prompt
+        per_device = math.ceil(self.stream_batch_size / processes) * self.rollouts_per_prompt
+        given = self.per_device_train_batch_size
+        if given not in (per_device, config_fields(type(self))["per_device_train_batch_size"].default):
+            raise UserInputError(
+                f"per_device_train_batch_size ({given}) is set by protocol: online: stream_batch_size / processes x "
+                f"rollouts per problem = {per_device}; remove it, or change stream_batch_size"
+            )
+        self.per_device_train_batch_size = per_device
         self.shuffle_dataset = False
         self.num_train_epochs = 1
         for name in ("benchmarks", "compare_methods"):
@@ -449,7 +474,7 @@ class ZeroSiamConfig(DistillationConfig):
         if self.protocol == "offline" and self.max_steps == -1 and not self.num_train_epochs > 0:
             raise UserInputError(f"num_train_epochs must be > 0 when max_steps is -1, got {self.num_train_epochs}")
         if self.method in METHODS and self.method not in self.trainer_methods:
-            other = "LabelFreeConfig (GRPO)" if self.method in RL_METHODS else "ZeroSiamConfig"
+            other = "LabelFreeConfig (GRPO)" if REGISTRY[self.method].family == "grpo" else "ZeroSiamConfig"
             raise UserInputError(f"method: {self.method!r} is a {other} method; {type(self).__name__} runs "
                                  f"{', '.join(self.trainer_methods)}")  # fmt: skip
         choices = {
@@ -524,10 +549,20 @@ class ZeroSiamConfig(DistillationConfig):
                     "use_vllm: true needs vLLM, which is not installed: pip install 'zerosiam-llm[vllm]' (the vllm "
                     "extra; GPU only), or set use_vllm: false"
                 )
+        self._refuse_unused_fields()
         defaults = {f.name: f.default for f in dataclasses.fields(DistillationConfig)}
         for name in self.unsupported_fields:
             if getattr(self, name) != defaults.get(name):
                 raise UserInputError(f"{name} is a distillation setting and has no meaning here; remove it")
+
+    def _refuse_unused_fields(self) -> None:
+        """A method-specific field (``zerosiam_llm.methods``) given a value for a method that does not read it."""
+        fields = config_fields(type(self))
+        for name in unused_fields(self.method, fields):
+            if getattr(self, name) != fields[name].default:
+                readers = [m for m, entry in REGISTRY.items() if name in entry.fields]
+                raise UserInputError(f"{name} is read by method {' / '.join(readers)} only, not by {self.method}; "
+                                     "remove it")  # fmt: skip
 
     @property
     def em_inf_settings(self) -> EMInfSettings:
@@ -541,10 +576,12 @@ class ZeroSiamConfig(DistillationConfig):
     def resolved_dict(self) -> dict[str, Any]:
         """Every field's value, for ``resolved_config.yaml`` (tokens never recorded)."""
         names = config_fields(type(self))
-        return {k: _plain(v) for k, v in self.to_dict().items() if k in names and k not in SECRET_FIELDS}
+        return {k: _plain(v) for k, v in self.to_dict().items()
+                if k in names and k not in SECRET_FIELDS and k not in FIELD_ALIASES}  # fmt: skip
 
 
 SECRET_FIELDS = ("hub_token",)
+FIELD_ALIASES = {"model_name_or_path": "model", "dataset_name": "dataset", "dataset_train_split": "dataset_split"}
 
 
 def _plain(value: Any) -> Any:
@@ -576,7 +613,7 @@ class LabelFreeConfig(ZeroSiamConfig, GRPOConfig):
     one generation batch and `steps_per_batch` is GRPO's `num_iterations`.
     """
 
-    trainer_methods = RL_METHODS
+    trainer_methods = GRPO_METHODS
     unsupported_fields = tuple(f for f in UNSUPPORTED_FIELDS if f != "beta")  # beta is GRPO's KL coefficient here
 
     method: str = field(
@@ -585,7 +622,8 @@ class LabelFreeConfig(ZeroSiamConfig, GRPOConfig):
             "help": "majority-vote (TTRL: 1 if the answer grades equal to the group's most common answer string), "
             "semantic-vote (EMPO: the share of the group in the answer's cluster, 0 for a group of all-distinct "
             "answers), entropy-reward (RENT / EM-RL: minus the mean token entropy; no_answer_reward without a box), "
-            "or self-certainty (Intuitor: the mean KL(uniform || p_t)). Each default is its authors' code (README)."
+            "or self-certainty (Intuitor: the mean KL(uniform || p_t)). Each default is its authors' code "
+            "(docs/methods.md)."
         },
     )
     num_rollouts: int = field(
@@ -635,12 +673,35 @@ class LabelFreeConfig(ZeroSiamConfig, GRPOConfig):
         default=0.0,
         metadata={"help": "KL coefficient towards the base model (GRPO's beta); 0 = no reference model."},
     )
+    num_generations: int | None = field(
+        default=None,
+        metadata={
+            "help": "GRPO's rollouts generated per prompt: TRL's name for num_rollouts (or for num_vote_rollouts "
+            "when the vote uses more). Set from them when not given."
+        },
+    )
 
     @property
     def rollouts_per_prompt(self) -> int:
         return self.num_vote_rollouts or self.num_rollouts
 
+    def _resolve_num_generations(self) -> None:
+        """``num_generations`` (TRL's field: rollouts generated per prompt) given: it must agree with num_rollouts /
+        num_vote_rollouts, or it sets num_rollouts when neither was given."""
+        given = self.num_generations
+        if given is None or given == self.rollouts_per_prompt:
+            return
+        default_k = config_fields(LabelFreeConfig)["num_rollouts"].default
+        if self.num_vote_rollouts is None and self.num_rollouts == default_k:
+            self.num_rollouts = given
+            return
+        raise UserInputError(
+            f"num_generations ({given}) is TRL's name for the rollouts generated per prompt, here "
+            f"{self.rollouts_per_prompt} (num_rollouts / num_vote_rollouts): give one of them"
+        )
+
     def __post_init__(self) -> None:
+        self._resolve_num_generations()
         if self.num_rollouts is None or self.num_rollouts < 2:
             raise UserInputError(
                 f"num_rollouts must be >= 2 for method {self.method} (GRPO's group advantages), got "
@@ -652,9 +713,6 @@ class LabelFreeConfig(ZeroSiamConfig, GRPOConfig):
                 "every group advantage is 0 (the online prediction is the majority answer of the k sampled rollouts)"
             )
         if self.num_vote_rollouts is not None:
-            if self.method not in VOTE_METHODS:
-                raise UserInputError(f"num_vote_rollouts is for the vote methods ({', '.join(VOTE_METHODS)}), not "
-                                     f"{self.method}")  # fmt: skip
             if self.num_vote_rollouts < self.num_rollouts:
                 raise UserInputError(f"num_vote_rollouts ({self.num_vote_rollouts}) must be >= num_rollouts "
                                      f"({self.num_rollouts}): the vote uses every rollout GRPO trains on")  # fmt: skip
@@ -670,3 +728,45 @@ class LabelFreeConfig(ZeroSiamConfig, GRPOConfig):
         if self.protocol == "online":  # one generation per stream batch, steps_per_batch updates on it
             self.num_iterations = self.steps_per_batch
         super().__post_init__()
+
+
+# The Parameters section of each config's docstring (TRL's GRPOConfig layout), built from the fields' help so the help
+# has one home: (title, the section's first field), in the order the class defines its fields.
+PARAMETER_SECTIONS = {
+    "ZeroSiamConfig": (
+        ("the model", "model"), ("the method", "method"), ("the online protocol", "stream_batch_size"),
+        ("the monitors and the collapse guard", "guard_rules"), ("LoRA", "lora_r"), ("the data", "dataset"),
+        ("the run", "overwrite_output_dir"), ("TRL / HF fields whose defaults differ", "output_dir"),
+        ("TRL's names for the fields above (aliases)", "model_name_or_path"),
+    ),
+    "LabelFreeConfig": (("the GRPO reward and its group", "method"),),
+}
+
+
+def _describe_default(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+
+
+def parameters_section(config_class: type) -> str:
+    """``Parameters:`` grouped as TRL's config docstrings: ``name (`type`, *optional*, defaults to `x`):`` + help."""
+    own = list(config_class.__dict__["__annotations__"])
+    fields = config_fields(config_class)
+    sections = PARAMETER_SECTIONS[config_class.__name__]
+    starts = {first: title for title, first in sections}
+    lines = ["", "    Parameters:"]
+    for name in own:
+        if name in starts:
+            lines += ["", f"        > Parameters that control {starts[name]}", ""]
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lines.append(f"        {name} (`{kind}`, *optional*, defaults to {_describe_default(default)}):")
+        text = textwrap.wrap(f.metadata.get("help", ""), 108, break_on_hyphens=False)
+        lines += [f"            {line}" for line in text]
+    return "\n".join(lines) + "\n"
+
+
+for _config in (ZeroSiamConfig, LabelFreeConfig):
+    _config.__doc__ = (_config.__doc__ or "").rstrip() + "\n" + parameters_section(_config)

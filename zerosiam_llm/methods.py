@@ -12,6 +12,7 @@ command line or in Python): accepted and ignored, it would make a comparison say
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 FAMILIES = ("entropy", "grpo")
@@ -41,15 +42,24 @@ class Method:
 
     @property
     def config_class(self) -> type:
-        from zerosiam_llm.configs import LabelFreeConfig, ZeroSiamConfig
-
-        return LabelFreeConfig if self.family == "grpo" else ZeroSiamConfig
+        return _resolve(FAMILY_CLASSES[self.family][0])
 
     @property
     def trainer_class(self) -> type:
-        from zerosiam_llm.trainers import LabelFreeTrainer, ZeroSiamTrainer
+        return _resolve(FAMILY_CLASSES[self.family][1])
 
-        return LabelFreeTrainer if self.family == "grpo" else ZeroSiamTrainer
+
+# Each family's config and trainer, by dotted path (as transformers' auto mappings name classes): the registry sits
+# below the configs and trainers, which read it, and imports neither.
+FAMILY_CLASSES = {
+    "entropy": ("zerosiam_llm.configs.ZeroSiamConfig", "zerosiam_llm.trainers.entropy.ZeroSiamTrainer"),
+    "grpo": ("zerosiam_llm.configs.LabelFreeConfig", "zerosiam_llm.trainers.grpo.LabelFreeTrainer"),
+}
+
+
+def _resolve(dotted: str) -> type:
+    module, name = dotted.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 # The method-specific field groups (every other field is shared by all the methods of a family, or by all).
@@ -137,6 +147,14 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
         fields=SAR_FIELDS,
     ),
     Method(
+        name='none',
+        family='entropy',
+        summary='nothing (online baseline)',
+        paper=None,
+        reference=None,
+        fields=(),
+    ),
+    Method(
         name='majority-vote',
         family='grpo',
         summary="GRPO, reward 1 when the rollout's answer grades equal to its group's most common answer string, "
@@ -208,14 +226,6 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
         ),
         reference='sunblaze-ucb/Intuitor@3f0cdd7b open-r1-intuitor/src/open_r1/intuitor_trainer.py L835-887',
         fields=("reward_temperature", "self_certainty_positions"),
-    ),
-    Method(
-        name='none',
-        family='entropy',
-        summary='nothing (online baseline)',
-        paper=None,
-        reference=None,
-        fields=(),
     ),
 )}  # fmt: skip
 

@@ -68,8 +68,8 @@ def run_streams(
     from transformers import set_seed
 
     from zerosiam_llm.data import build_prompt_dataset, check_full_batch, prompt_budget, report_prompt_counts
+    from zerosiam_llm.methods import get_method
     from zerosiam_llm.modeling import load_model, make_lora_config
-    from zerosiam_llm.trainers import trainer_class
     root = Path(config.output_dir)
     pending = [(n, p) for n, p in streams if fresh or not (root / n / STREAM_SUMMARY).is_file()]
     model = None
@@ -109,7 +109,7 @@ def run_streams(
                 lora = make_lora_config(
                     config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules
                 )
-                trainer = trainer_class(config)(
+                trainer = get_method(config.method).trainer_class(
                     model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
                 )
             else:

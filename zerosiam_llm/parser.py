@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from trl import TrlParser
 
-from zerosiam_llm.configs import ZeroSiamConfig
+from zerosiam_llm.configs import ZeroSiamConfig, config_fields
 from zerosiam_llm.errors import UserInputError, first_line
 from zerosiam_llm.files import load_yaml
 
@@ -298,10 +298,9 @@ def train_parser(config_class: type = ZeroSiamConfig) -> FieldParser:
 def config_class_for(method: str | None) -> type:
     """The config dataclass of a method: ``LabelFreeConfig`` (GRPO fields too) for the RL methods, else
     ``ZeroSiamConfig``."""
-    from zerosiam_llm.configs import LabelFreeConfig
-    from zerosiam_llm.rewards import RL_METHODS
+    from zerosiam_llm.methods import REGISTRY
 
-    return LabelFreeConfig if method in RL_METHODS else ZeroSiamConfig
+    return REGISTRY[method].config_class if method in REGISTRY else ZeroSiamConfig  # ZeroSiamConfig names the error
 
 
 def _method_in(argv: Sequence[str], recipe_method: Any) -> Any:
@@ -313,6 +312,20 @@ def _method_in(argv: Sequence[str], recipe_method: Any) -> Any:
         elif token.startswith("--method="):
             method = token.split("=", 1)[1]
     return method
+
+
+def _without_unused_fields(values: dict[str, Any], method: Any, path: Path | None) -> dict[str, Any]:
+    """A recipe is shared by the methods (``--method tent`` on a ZeroSiam recipe, ``--compare_methods``): its values
+    for fields the chosen method does not read are left out, with a note. On the command line such a field is refused
+    (the config's check), since there it was asked for."""
+    from zerosiam_llm.methods import REGISTRY, unused_fields
+
+    if method not in REGISTRY:
+        return values  # the config names the bad method
+    dropped = unused_fields(method, values)
+    if dropped:
+        print(f"note: method {method} does not read {', '.join(dropped)} (set in {path}); left out")
+    return {k: v for k, v in values.items() if k not in dropped}
 
 
 def parse_config(
@@ -336,8 +349,11 @@ def parse_config(
     else:
         path = None
     raw = load_recipe(path) if path else {}
-    parser = train_parser(config_class_for(_method_in(argv, raw.get("method"))))
+    method = _method_in(argv, raw.get("method"))
+    config_class = config_class_for(method)
+    parser = train_parser(config_class)
     values = parser.read_config(path, raw) if path else {}
+    values = _without_unused_fields(values, method or config_fields(config_class)["method"].default, path)
     if path:
         values.setdefault("recipe", path.stem)
     return parser.parse(argv, values)

@@ -1,7 +1,7 @@
 """Label-free rewards of the RL methods, one per rollout, computed from each group of k rollouts of one prompt.
 
-Each default follows its authors' code (README, "Methods and their reference code"); the project's variants are
-named options:
+Each default follows its authors' code (docs/methods.md, "Methods and their reference code"); the project's variants
+are named options:
 
 - ``majority-vote`` (TTRL, Zuo et al. 2025; PRIME-RL/TTRL ``verl/utils/reward_score/ttrl/ttt_metrics.py``): every
   rollout's answer string (the last box, else "the answer is", else the last number; ``''`` when there is none) is
@@ -32,7 +32,6 @@ from zerosiam_llm.grading import answer_clusters, extract_answer, majority_answe
 
 VOTE_METHODS = ("majority-vote", "semantic-vote")
 LOGIT_METHODS = ("entropy-reward", "self-certainty")
-RL_METHODS = VOTE_METHODS + LOGIT_METHODS
 VOTE_CLUSTERINGS = ("string", "equivalence")
 DEFAULT_CLUSTERING = {"majority-vote": "string", "semantic-vote": "equivalence"}  # each method's reference
 
@@ -151,16 +150,27 @@ class VoteReward:
 
     The rollouts of one prompt must be consecutive groups of ``k`` in each call (each process holds whole groups).
     Extra data columns arrive as keyword arguments; the gold ``answer`` column is among them and is never read.
+    ``trained`` < k (TTRL's vote over m = k rollouts, training on the first ``trained`` of each group): the others
+    vote but get None, which TRL turns into NaN, out of the group baseline and the advantages. ``last`` holds the
+    last call's rewards, vote-only rollouts included (the run's ``samples.jsonl``).
     """
 
     def __init__(
-        self, method: str, k: int, equivalent: Equivalent | None = None, clustering: str | None = None
+        self,
+        method: str,
+        k: int,
+        equivalent: Equivalent | None = None,
+        clustering: str | None = None,
+        trained: int | None = None,
     ) -> None:
         if method not in VOTE_METHODS:
             raise ValueError(f"not a vote method: {method!r}")
         self.method, self.k, self.equivalent, self.clustering = method, k, equivalent, clustering
+        self.trained = k if trained is None else trained
+        self.last: list[float] | None = None
         self.__name__ = method.replace("-", "_")  # TRL names the logged reward column after it
 
-    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
         answers = [vote_answer(completion_text(c), self.method) for c in completions]
-        return vote_rewards(answers, self.k, self.method, self.equivalent, self.clustering)
+        self.last = vote_rewards(answers, self.k, self.method, self.equivalent, self.clustering)
+        return [r if i % self.k < self.trained else None for i, r in enumerate(self.last)]

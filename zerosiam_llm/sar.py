@@ -11,13 +11,14 @@ As the reference code's ``SAM`` optimizer and ``forward_and_adapt_sar``::
     ema <- 0.9 ema + 0.1 loss2   (the first value as it is)
     ema < 0.2: reset the model and optimizer to the start (ema kept)     model recovery
 
-On LLM vocabularies the reference's thresholds are inert (README, "SAR on LLMs"): E0 = 0.4 ln V is the entropy of a
-uniform over ~75 tokens, far above almost every token's, and a loss average of 0.2 nats is either never reached or
-reached by a healthy low-entropy model. The trainer offers E0 in nats, as a fraction of ln V (the reference's form)
-or as a per-batch quantile, and the reset threshold in nats (the reference's form) or as a fraction of the stream's
-first loss.
+On LLM vocabularies the reference's thresholds are inert (docs/methods.md, "SAR on LLMs"): E0 = 0.4 ln V is the
+entropy of a uniform over ~75 tokens, far above almost every token's, and a loss average of 0.2 nats is either never
+reached or reached by a healthy low-entropy model. The trainer offers E0 in nats, as a fraction of ln V (the
+reference's form) or as a per-batch quantile, and the reset threshold in nats (the reference's form) or as a fraction
+of the stream's first loss.
 
-``ZeroSiamTrainer`` runs the two passes in ``training_step``; the recovery is ``callbacks.ModelRecoveryCallback``.
+``ZeroSiamTrainer`` runs the two passes in ``training_step``; the recovery is
+``trainers.callbacks.ModelRecoveryCallback``.
 """
 
 from __future__ import annotations

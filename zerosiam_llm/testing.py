@@ -159,9 +159,9 @@ def direct_trainer(model_dir: str | Path, out: str | Path, **overrides):
     """The trainer the command line would build for ``smollm2-135m-cpu`` on a model folder (ZeroSiamTrainer or, for an
     RL method, LabelFreeTrainer), on 8 generated problems without gold answers: for tests that drive its hooks."""
     from zerosiam_llm.data import build_prompt_dataset, load_problems
+    from zerosiam_llm.methods import get_method
     from zerosiam_llm.modeling import load_model, load_tokenizer, make_lora_config
     from zerosiam_llm.parser import build_config
-    from zerosiam_llm.trainers import trainer_class
 
     config = build_config("smollm2-135m-cpu", {
         "model": str(model_dir), "output_dir": str(out), "max_completion_length": 12, "max_steps": 1,
@@ -170,5 +170,6 @@ def direct_trainer(model_dir: str | Path, out: str | Path, **overrides):
     problems = load_problems(config.dataset, question_field=config.question_field, limit=8, seed=0)
     dataset, _ = build_prompt_dataset(problems, tokenizer, config.instruction)
     lora = make_lora_config(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    return trainer_class(config)(load_model(str(model_dir)), args=config, train_dataset=dataset,
-                                 processing_class=tokenizer, peft_config=lora)  # fmt: skip
+    trainer_class = get_method(config.method).trainer_class
+    return trainer_class(load_model(str(model_dir)), args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora)  # fmt: skip

@@ -36,6 +36,7 @@ from zerosiam_llm.grading import (
     extract_answer,
 )
 from zerosiam_llm.prompts import build_messages, render_prompt
+from zerosiam_llm.run_dir import changed_fields
 
 RUN_CONFIG = "run_config.json"
 SUMMARY_JSON = "summary.json"
@@ -160,16 +161,12 @@ def _prepare_run_dir(
         raise UserInputError(f"output_dir {out} holds results but no {RUN_CONFIG}; pass --overwrite or use another")
     record = {"format": RUN_FORMAT, **run, "benchmarks": {}}
     if previous is not None:
-        changed = [k for k in run if previous.get(k) != run[k]]
+        changed = changed_fields(previous, run, keys=run)
         changed += [k for k in ("decoding", "em_inf") if k in previous and k not in run]  # only when not standard
         for name, settings in benches.items():
             old = previous.get("benchmarks", {}).get(name)
-            if old is not None and old.get("settings") != settings:
-                changed += [
-                    f"{name}.{k}"
-                    for k in sorted(set(settings) | set(old.get("settings", {})))
-                    if old.get("settings", {}).get(k) != settings.get(k)
-                ]
+            if old is not None:
+                changed += [f"{name}.{k}" for k in changed_fields(old.get("settings", {}), settings)]
         if changed:
             raise UserInputError(
                 f"output_dir {out} holds a run with other settings (differs in {', '.join(changed[:6])}); use "

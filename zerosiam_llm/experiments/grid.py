@@ -13,6 +13,7 @@ from typing import Any
 
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import load_yaml
+from zerosiam_llm.methods import METHODS
 
 # Streams a grid may name: recipe fields; {data_dir} is filled in from --data_dir.
 STREAMS: dict[str, dict[str, Any]] = {
@@ -139,9 +140,12 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise UserInputError(
             f"grid file {path}: configs must map each name to recipe fields, e.g. tent: {{method: tent}}"
         )
-    for name in configs:
+    for name, fields in configs.items():
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise UserInputError(f"grid file {path}: config name {name!r} must be a plain folder name")
+        if fields.get("method", "zerosiam") not in METHODS:
+            raise UserInputError(f"grid file {path}: config {name}: method {fields['method']!r} is not one of "
+                                 f"{', '.join(METHODS)}")  # fmt: skip
     baseline = raw.get("baseline")
     if baseline is not None and baseline not in configs:
         raise UserInputError(

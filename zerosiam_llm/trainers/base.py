@@ -26,9 +26,9 @@ from transformers import TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from zerosiam_llm.card import PAPERS
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, read_jsonl
+from zerosiam_llm.methods import REGISTRY
 from zerosiam_llm.modeling import causal_lm
 from zerosiam_llm.monitoring import base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
 from zerosiam_llm.run_dir import (
@@ -38,6 +38,7 @@ from zerosiam_llm.run_dir import (
     SAMPLES_FILE,
     last_complete_checkpoint,
 )
+from zerosiam_llm.trainers import trl_private
 from zerosiam_llm.trainers.callbacks import (
     CollapseGuardCallback,
     RunRecordCallback,
@@ -47,15 +48,38 @@ from zerosiam_llm.trainers.callbacks import (
 logger = logging.getLogger(__name__)
 
 
+def model_short_name(model) -> str:
+    """The last part of a model's id or path, for a default ``output_dir`` (as TRL names one)."""
+    name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+    return name.rstrip("/").split("/")[-1].split(":")[-1]
+
+
 class RunTrainerMixin:
     """The project's run behaviour on top of a TRL trainer (see the module docstring)."""
+
+    @staticmethod
+    def _resolve_model(model, args, processing_class):
+        """As TRL's trainers: ``model`` may be a Hub id, a folder, a ``.gguf`` file or ``embedded:NAME`` (loaded with
+        the config's ``model_dtype``, ``model_revision``, ``attn_implementation``, ``trust_remote_code``), and the
+        tokenizer defaults to the model's."""
+        if isinstance(model, str):
+            from zerosiam_llm.modeling import load_model, resolve_model
+
+            source = resolve_model(model)
+            model = load_model(source, args.model_dtype, args.trust_remote_code, args.model_revision,
+                               args.attn_implementation)  # fmt: skip
+            if processing_class is None:
+                from zerosiam_llm.modeling import load_tokenizer
+
+                processing_class = load_tokenizer(source, args.trust_remote_code)
+        return model, processing_class  # a model object without a tokenizer: TRL loads the one its config names
 
     def _setup_run(self, grader=None) -> None:
         """Called at the end of the subclass's ``__init__``, after TRL's (the model is wrapped, peft applied)."""
         self._grader = grader
         self._owns_grader = grader is None
         # the fresh adapter (and P = I), restored between online streams (each starts from the base model)
-        self._initial_trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.initial_trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
         self.stream_name: str | None = None
         self._recorded_ids: set[str] | None = None  # problem ids already in this stream's predictions.jsonl
         self.already_finished = False  # set by train() when the checkpoint resumed was already at the last step
@@ -130,13 +154,16 @@ class RunTrainerMixin:
                             num_workers=self.args.dataloader_num_workers)  # fmt: skip
         return self.accelerator.prepare(loader) if processes == 1 else loader
 
+    def record_metric(self, name: str, value: float, mode: str = "train") -> None:
+        """One value for this step's log line (``metrics.jsonl``, ``report_to``), averaged over the step's records."""
+        trl_private.record_metric(self, name, value, mode)
+
     def reset_stream(self, train_dataset, output_dir: str) -> None:
         """Start a new online stream from the base model: fresh adapter (and P = I), fresh optimizer and state."""
-        self.load_trainable(self._initial_trainable)
+        self.load_trainable(self.initial_trainable)
         self.optimizer, self.lr_scheduler = None, None
-        self._step, self._buffered_inputs = 0, None
-        for metrics in self._metrics.values():
-            metrics.clear()
+        trl_private.reset_generation(self)
+        trl_private.clear_metrics(self)
         self.train_dataset = train_dataset
         self.args.output_dir = output_dir
         self._recorded_ids = None
@@ -177,7 +204,7 @@ class RunTrainerMixin:
         total = self.accelerator.gather(local[None]).sum(0)
         if total[1] > 0:
             mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["coherence/base_nll"].append((total[0] / total[1]).item())
+            trl_private.record_metric(self, "coherence/base_nll", (total[0] / total[1]).item(), mode)
 
     @property
     def grader(self):
@@ -219,9 +246,8 @@ class RunTrainerMixin:
                 row[name] = value
         rows = gather_object(rows)
         mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode]
         for name, value in rollout_metrics(rows).items():
-            metrics[name].append(value)
+            trl_private.record_metric(self, name, value, mode)
         if self.args.protocol == "online" and mode == "train":
             self._record_predictions(inputs, rows)
             return
@@ -230,7 +256,7 @@ class RunTrainerMixin:
             verdicts = self.grader.grade([r["gold"] for r in graded], [r["answer"] for r in graded])
             for row, ok in zip(graded, verdicts, strict=True):
                 row["correct"] = bool(ok)
-            metrics["monitor/accuracy"].append(sum(verdicts) / len(verdicts))
+            trl_private.record_metric(self, "monitor/accuracy", sum(verdicts) / len(verdicts), mode)
         if self.accelerator.is_main_process and mode == "train" and self.args.output_dir:
             append_jsonl(Path(self.args.output_dir) / SAMPLES_FILE, rows)
 
@@ -240,7 +266,7 @@ class RunTrainerMixin:
 
         from zerosiam_llm.grading import majority_answer
 
-        if self.args.steps_per_batch > 1 and self._step % self.args.steps_per_batch:
+        if self.args.steps_per_batch > 1 and trl_private.generation_step(self) % self.args.steps_per_batch:
             return
         k = self.args.rollouts_per_prompt
         # `rows` are every process's, in process order: the problems (one per k rows) are gathered the same way
@@ -288,7 +314,7 @@ class RunTrainerMixin:
             lines.append(line)
         append_jsonl(path, lines)
         if correct:
-            self._metrics["train"]["monitor/accuracy"].append(sum(correct.values()) / len(correct))
+            trl_private.record_metric(self, "monitor/accuracy", sum(correct.values()) / len(correct))
 
     # ---------------------------------------------------------------- card and close
 
@@ -300,7 +326,8 @@ class RunTrainerMixin:
         from zerosiam_llm.card import card_dataset, complete_model_card
 
         out = Path(self.args.output_dir)
-        self._paper = PAPERS.get(self.args.method, PAPERS["tent"])  # the method this run used
+        paper = REGISTRY[self.args.method].paper or REGISTRY["tent"].paper  # the method this run used
+        self._paper = paper.as_trl()  # TRL's card reads the class's _paper / _name
         self._name = self._paper["name"]
         super().create_model_card(model_name or out.name, dataset_name or card_dataset(self.args), tags)
         complete_model_card(out / "README.md", self.args, read_jsonl(out / METRICS_FILE))

@@ -29,9 +29,9 @@ from transformers import TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
-from zerosiam_llm.card import PAPERS
 from zerosiam_llm.configs import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
+from zerosiam_llm.methods import REGISTRY
 from zerosiam_llm.modeling import (
     PREDICTOR_ATTRIBUTE,
     attach_predictor,
@@ -47,7 +47,8 @@ from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_stat
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
 from zerosiam_llm.run_dir import RECOVERY_STATE_FILE
 from zerosiam_llm.sar import sam_ascend, sam_return
-from zerosiam_llm.trainers.base import RunTrainerMixin
+from zerosiam_llm.trainers import trl_private
+from zerosiam_llm.trainers.base import RunTrainerMixin, model_short_name
 from zerosiam_llm.trainers.callbacks import ModelRecoveryCallback
 
 logger = logging.getLogger(__name__)
@@ -58,20 +59,23 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
 
     _tag_names = ["trl", "zerosiam", "test-time-adaptation", "entropy-minimization"]
     _name = "ZeroSiam"
-    _paper = PAPERS["zerosiam"]  # create_model_card cites the paper of the method a run used
+    _paper = REGISTRY["zerosiam"].paper.as_trl()  # create_model_card cites the paper of the method a run used
 
     def __init__(
         self,
         model,
-        args: ZeroSiamConfig,
+        args: ZeroSiamConfig | None = None,
         train_dataset=None,
         processing_class=None,
         peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
         grader=None,
     ) -> None:
+        if args is None:  # as TRL's trainers: a default config writing to <model name>-ZeroSiam
+            args = ZeroSiamConfig(output_dir=f"{model_short_name(model)}-ZeroSiam")
         if not isinstance(args, ZeroSiamConfig):
             raise TypeError("ZeroSiamTrainer needs a ZeroSiamConfig")
+        model, processing_class = self._resolve_model(model, args, processing_class)
         check_plain_head(model)
         generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
         if generation_batch % args.num_rollouts:
@@ -169,14 +173,16 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         if not online_repeats:
             return super()._prepare_inputs(generation_batch)
         # predict once per stream batch, then reuse those rollouts for steps_per_batch updates
-        if self._step % self.args.steps_per_batch == 0 or self._buffered_inputs is None:
-            self._buffered_inputs = [self._generate_and_score_completions(generation_batch)]
-        return self._buffered_inputs[0]
+        if trl_private.generation_step(self) % self.args.steps_per_batch == 0 or not trl_private.buffered_generation(
+            self
+        ):
+            trl_private.set_buffered_generation(self, [self._generate_and_score_completions(generation_batch)])
+        return trl_private.buffered_generation(self)[0]
 
     def training_step(self, model, inputs, num_items_in_batch):
         if self.args.method == "none":  # online baseline: the same stream and predictions, no update
             self._prepare_inputs(inputs)
-            self._step += 1
+            trl_private.count_generation_step(self)
             return torch.zeros((), device=self.accelerator.device)
         if self.args.method == "sar" and self.args.sar_rho > 0:
             return self._sharpness_aware_step(model, inputs, num_items_in_batch)
@@ -186,8 +192,6 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         """SAR's SAM: the gradient at ``w`` sets the ascent ``e = rho g / ||g||``; the gradient kept for the update is
         the one at ``w + e``, on the same rollouts and over the tokens reliable in both passes. Returns the first
         pass's loss (the objective at the current weights)."""
-        from transformers import Trainer
-
         params = [p for p in model.parameters() if p.requires_grad]
         held = [p.grad for p in params]  # earlier micro-batches' gradients stay out of this one's ascent
         for p in params:
@@ -202,15 +206,12 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
                 for p in params:
                     p.grad = None
                 try:
-                    Trainer.training_step(self, model, inputs, num_items_in_batch)
+                    trl_private.hf_training_step(self, model, inputs, num_items_in_batch)
                 finally:
                     sam_return(params, steps)
-                self._metrics["train"]["entropy"].pop()  # the perturbed model's, logged by compute_loss
-                elapsed = time.perf_counter() - started
-                if self._step % self.current_gradient_accumulation_steps == 0:  # TRL logged this step's time
-                    self._metrics["train"]["step_time"][-1] += elapsed
-                else:
-                    self._current_train_step_time += elapsed
+                trl_private.drop_last_metric(self, "entropy")  # the perturbed model's, logged by compute_loss
+                logged = trl_private.generation_step(self) % self.current_gradient_accumulation_steps == 0
+                trl_private.add_step_time(self, time.perf_counter() - started, logged)
         finally:
             self._sam_pass, self._sam_inputs, self._sam_kept, self._sam_threshold = 0, None, None, None
             for p, grad in zip(params, held, strict=True):
@@ -225,15 +226,7 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
 
     def _keep_predictor_out_of_vllm_sync(self) -> None:
         # vLLM raises on parameter names it does not know; generation uses base + merged LoRA only
-        generation = self.vllm_generation
-        original = generation._iter_named_params
-
-        def iter_without_predictor():
-            for name, param in original():
-                if PREDICTOR_ATTRIBUTE not in name:
-                    yield name, param
-
-        generation._iter_named_params = iter_without_predictor
+        trl_private.exclude_from_vllm_sync(self.vllm_generation, lambda name: PREDICTOR_ATTRIBUTE not in name)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -273,7 +266,7 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         if self.args.method == "come":
             out = come_loss(hidden, loss_mask, weight, **common)  # its value carries the reference's epsilon
-            self._metrics[mode]["come/opinion_entropy_exact"].append(out.opinion_entropy_exact)
+            trl_private.record_metric(self, "come/opinion_entropy_exact", out.opinion_entropy_exact, mode)
         elif self.args.method == "sar":
             if self._sam_pass == 2:  # the first pass's reliable tokens and E0 (a per-batch quantile is not re-ranked)
                 out = sar_loss(hidden, loss_mask, weight, self._sam_threshold, self._sam_kept, margin_unit="nats",
@@ -289,12 +282,14 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
             if self._sam_pass == 2:  # the perturbed model's statistics are not the run's
                 n = torch.tensor(float(out.num_tokens), device=hidden.device)
                 return out.loss, torch.zeros((), device=hidden.device), n
-            self._metrics[mode]["sar/reliable_share"].append(out.kept_share)
+            trl_private.record_metric(self, "sar/reliable_share", out.kept_share, mode)
         else:
-            out = zerosiam_loss(hidden, loss_mask, weight, predictor, alpha=self.args.alpha, **common)
+            alpha = self.args.alpha if self.args.method == "zerosiam" else 0.0  # Tent: no alignment term
+            out = zerosiam_loss(hidden, loss_mask, weight, predictor, alpha=alpha, **common)
         for name, value in out.metrics("zerosiam/").items():
-            self._metrics[mode][name].append(value)
-        self._metrics[mode]["zerosiam/predictor_deviation"].append(predictor.deviation() if predictor else 0.0)
+            trl_private.record_metric(self, name, value, mode)
+        deviation = predictor.deviation() if predictor else 0.0
+        trl_private.record_metric(self, "zerosiam/predictor_deviation", deviation, mode)
         n = torch.tensor(float(out.num_tokens), device=hidden.device)
         # the parent logs sum/n as "entropy": report H(p_r), the distribution answers come from
         return out.loss, torch.tensor(out.entropy_target, device=hidden.device) * n, n
@@ -343,21 +338,20 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         # the accelerator's call unscales fp16 gradients (once); with an infinite max it only measures
         lora_norm = float(self.accelerator.clip_grad_norm_(lora, math.inf)) if lora else 0.0
         pred_norm = float(torch.nn.utils.clip_grad_norm_(predictor, math.inf)) if predictor else 0.0
-        metrics = self._metrics["train"]
-        metrics["grad_norm/lora"].append(lora_norm)
+        self.record_metric("grad_norm/lora", lora_norm)
         if self.predictor is not None:
-            metrics["grad_norm/predictor"].append(pred_norm)
+            self.record_metric("grad_norm/predictor", pred_norm)
         if not (math.isfinite(lora_norm) and math.isfinite(pred_norm)):
             # a non-finite loss or gradient: drop this step's gradients so the optimizer step is a no-op
             for p in lora + predictor:
                 p.grad = None
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
-            metrics["train/nonfinite_skipped"].append(1.0)
+            self.record_metric("train/nonfinite_skipped", 1.0)
             logger.warning("non-finite gradient at step %d: update skipped", self.state.global_step + 1)
             return float("nan")
         self.nonfinite_streak = 0
-        metrics["train/nonfinite_skipped"].append(0.0)
+        self.record_metric("train/nonfinite_skipped", 0.0)
         if clip:
             for params, norm, max_norm in (
                 (lora, lora_norm, self.args.max_grad_norm),

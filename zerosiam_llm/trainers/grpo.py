@@ -23,29 +23,35 @@ import logging
 from typing import Any
 
 import torch
-from accelerate.utils import gather
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from zerosiam_llm.card import PAPERS
 from zerosiam_llm.configs import LabelFreeConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.grading import has_boxed
+from zerosiam_llm.methods import REGISTRY
 from zerosiam_llm.modeling import causal_lm, check_plain_head, final_hidden_states
 from zerosiam_llm.objectives import SequenceScores, sequence_scores
 from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward, completion_text
-from zerosiam_llm.trainers.base import RunTrainerMixin
+from zerosiam_llm.trainers import trl_private
+from zerosiam_llm.trainers.base import RunTrainerMixin, model_short_name
 
 logger = logging.getLogger(__name__)
 
 
-def _logit_reward_placeholder(method: str):
-    def reward(prompts, completions, **kwargs):
-        raise RuntimeError(f"the {method} reward is computed by LabelFreeTrainer._calculate_rewards from logits")
+class LogitReward:
+    """A TRL reward function for a logit method (entropy-reward, self-certainty): it scores the rollouts TRL has just
+    generated under the current policy (:meth:`LabelFreeTrainer._logit_rewards`); ``last`` holds the last call's."""
 
-    reward.__name__ = method.replace("-", "_")
-    return reward
+    def __init__(self, trainer: LabelFreeTrainer) -> None:
+        self.trainer = trainer
+        self.last: list[float] | None = None
+        self.__name__ = trainer.args.method.replace("-", "_")  # TRL names the logged reward column after it
+
+    def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float]:
+        self.last = self.trainer._logit_rewards(completions).tolist()
+        return self.last
 
 
 class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
@@ -53,30 +59,34 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "zerosiam", "test-time-adaptation", "label-free"]
     _name = "LabelFree"
-    _paper = PAPERS["majority-vote"]
+    _paper = REGISTRY["majority-vote"].paper.as_trl()
 
     def __init__(
         self,
         model,
-        args: LabelFreeConfig,
+        args: LabelFreeConfig | None = None,
         train_dataset=None,
         processing_class=None,
         peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
         grader=None,
     ) -> None:
+        if args is None:  # as TRL's trainers: a default config writing to <model name>-LabelFree
+            args = LabelFreeConfig(output_dir=f"{model_short_name(model)}-LabelFree")
         if not isinstance(args, LabelFreeConfig):
             raise TypeError("LabelFreeTrainer needs a LabelFreeConfig")
+        model, processing_class = self._resolve_model(model, args, processing_class)
         check_plain_head(model)  # the rollout scores project hidden states through the head, as the losses do
+        self.args = args  # the logit reward reads it before TRL's __init__ sets it
         if args.method in LOGIT_METHODS:
-            reward = _logit_reward_placeholder(args.method)
+            reward = LogitReward(self)
         else:  # the grader's math equivalence clusters the answers (1/2 and 0.5 are one answer)
             reward = VoteReward(args.method, args.rollouts_per_prompt, lambda a, b: self.grader.equivalent(a, b),
-                                args.vote_clustering)  # fmt: skip
+                                args.vote_clustering, trained=args.num_rollouts)  # fmt: skip
+        self.reward = reward  # the one reward function, passed to GRPOTrainer as a public argument
         self._rollout_ids: tuple[list[list[int]], list[list[int]]] | None = None
         # this generation batch's rollout scores, one pass per (temperature, shifted), computed once
         self._scores: dict[tuple[float, bool], SequenceScores] = {}
-        self._local_rewards: list[float] | None = None
         super().__init__(
             model=model,
             reward_funcs=[reward],
@@ -102,20 +112,6 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         out = super()._generate(prompts)
         self._rollout_ids, self._scores = (out[0], out[1]), {}  # prompt and completion token ids, per rollout
         return out
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        if self.args.method not in LOGIT_METHODS:
-            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-            start = self.accelerator.process_index * len(prompts)  # gathered in process order
-            self._local_rewards = rewards[start : start + len(prompts), 0].tolist()
-            if self.args.rollouts_per_prompt > self.args.num_rollouts:
-                # vote-only rollouts: out of GRPO's group baseline and advantages (TRL's unscorable rows)
-                rewards = rewards.clone()
-                rewards[~self._trained_rows(len(rewards), rewards.device)] = torch.nan
-            return rewards
-        local = self._logit_rewards(completions)
-        self._local_rewards = local.tolist()
-        return gather(local.to(torch.float32)[:, None])
 
     def _logit_rewards(self, completions: list) -> torch.Tensor:
         """RENT's reward (minus the mean token entropy on logits / the rollout temperature, or ``no_answer_reward``
@@ -179,8 +175,8 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         if scores.monitors is not None:
             mode = "train" if self.model.training else "eval"
             for name, value in scores.monitors.metrics("zerosiam/").items():
-                self._metrics[mode][name].append(value)
-        rewards = self._local_rewards or [None] * len(inputs)
+                trl_private.record_metric(self, name, value, mode)
+        rewards = self.reward.last or [None] * len(inputs)
         self._record_rollouts(inputs, output["completion_ids"], output["completion_mask"], {"reward": rewards})
         self._record_base_nll(output)
         if self.args.rollouts_per_prompt > self.args.num_rollouts:
