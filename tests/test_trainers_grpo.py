@@ -14,7 +14,7 @@ from zerosiam_llm.trainers.base import RunTrainerMixin
 
 PACKAGE = Path(__file__).resolve().parents[1] / "zerosiam_llm"
 # the GRPOTrainer hooks LabelFreeTrainer (or the shared mixin) overrides: a new override must be listed here
-OVERRIDDEN = ("_calculate_rewards", "_generate", "_generate_and_score_completions", "_generate_single_turn",
+OVERRIDDEN = ("_generate", "_generate_and_score_completions", "_generate_single_turn",
               "create_model_card", "get_train_dataloader")  # fmt: skip
 LEADING = {"train": ("resume_from_checkpoint",)}  # overridden as (self, these, **kwargs): the parent's must lead so
 
