@@ -26,6 +26,7 @@ from transformers import TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+import zerosiam_llm.trainers.trl_private as trl_private
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, read_jsonl
 from zerosiam_llm.methods import REGISTRY
@@ -38,7 +39,6 @@ from zerosiam_llm.run_dir import (
     SAMPLES_FILE,
     last_complete_checkpoint,
 )
-from zerosiam_llm.trainers import trl_private
 from zerosiam_llm.trainers.callbacks import (
     CollapseGuardCallback,
     RunRecordCallback,

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import RepeatSampler, maybe_gather_lm_head_ctx
 
+import zerosiam_llm.trainers.trl_private as trl_private
 from zerosiam_llm.configs import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.methods import REGISTRY
@@ -47,7 +48,6 @@ from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_stat
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
 from zerosiam_llm.run_dir import RECOVERY_STATE_FILE
 from zerosiam_llm.sar import sam_ascend, sam_return
-from zerosiam_llm.trainers import trl_private
 from zerosiam_llm.trainers.base import RunTrainerMixin, model_short_name
 from zerosiam_llm.trainers.callbacks import ModelRecoveryCallback
 

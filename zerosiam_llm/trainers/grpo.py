@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+import zerosiam_llm.trainers.trl_private as trl_private
 from zerosiam_llm.configs import LabelFreeConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.grading import has_boxed
@@ -34,7 +35,6 @@ from zerosiam_llm.methods import REGISTRY
 from zerosiam_llm.modeling import causal_lm, check_plain_head, final_hidden_states
 from zerosiam_llm.objectives import SequenceScores, sequence_scores
 from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward, completion_text
-from zerosiam_llm.trainers import trl_private
 from zerosiam_llm.trainers.base import RunTrainerMixin, model_short_name
 
 logger = logging.getLogger(__name__)
