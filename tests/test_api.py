@@ -127,3 +127,17 @@ def test_the_readme_python_script_runs_as_written(tmp_path):
     out = tmp_path / "zerosiam-smollm2"
     for name in ("adapter_model.safetensors", "zerosiam_predictor.safetensors", "metrics.jsonl", "README.md"):
         assert (out / name).is_file(), name
+
+
+def test_a_trainer_takes_a_model_path_and_a_default_config(tiny_model_dir, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    from zerosiam_llm import LabelFreeConfig, ZeroSiamTrainer
+
+    monkeypatch.chdir(tmp_path)
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 1 + 1?"}]] * 2})
+    trainer = ZeroSiamTrainer(model=str(tiny_model_dir), train_dataset=dataset)  # the tokenizer: the model's
+    assert trainer.args.output_dir == f"{Path(tiny_model_dir).name}-ZeroSiam"
+    assert trainer.processing_class.pad_token_id is not None and trainer.predictor is not None
+    with pytest.raises(TypeError, match="ZeroSiamTrainer needs a ZeroSiamConfig"):
+        ZeroSiamTrainer(model=str(tiny_model_dir), args=LabelFreeConfig(output_dir="x", temperature=1.0))

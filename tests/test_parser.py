@@ -118,3 +118,12 @@ def test_coerce_value_unions():
     assert coerce_value("x", "none", list[str] | str | None) == "none"
     assert coerce_value("x", 3, str) == "3"
     assert ZeroSiamConfig.__dataclass_fields__["alpha"].metadata["help"]
+
+
+def test_the_rl_config_parses_the_inherited_fields_as_the_entropy_one_does():
+    """LabelFreeConfig inherits ZeroSiamConfig's structured fields: `null` and lists convert the same (a stability
+    cell passes --compare_methods null to every method)."""
+    for method in ("tent", "majority-vote"):
+        config = build_config("smollm2-135m-online-cpu", {"method": method, "num_rollouts": 4, "temperature": 1.0,
+                                                          "compare_methods": "null", "benchmarks": "gsm8k,math500"})
+        assert config.compare_methods is None and config.benchmarks == ["gsm8k", "math500"], method

@@ -46,7 +46,7 @@ class _GradientInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, run, gather):  # type: ignore[override]
         # `gather` (ZeRO-3) materialises a sharded head weight for the duration of the pass
-        with gather(), _full_fp32_matmuls():
+        with gather(), full_fp32_matmuls():
             total, stats, grad = run()
         ctx.save_for_backward(grad)
         ctx.input_dtype = h.dtype
@@ -196,7 +196,7 @@ _GPU_BLOCK_BYTES = 32 * 2**20  # on GPU, fewer and larger kernels
 
 
 @contextlib.contextmanager
-def _full_fp32_matmuls() -> Iterator[None]:
+def full_fp32_matmuls() -> Iterator[None]:
     """Full-precision fp32 GEMMs inside the loss, whatever the process asked for elsewhere.
 
     TF32 (``tf32: true``, ``torch.set_float32_matmul_precision("high")``) or bf16-internal fp32 matmuls keep ~10

@@ -27,9 +27,9 @@ import torch
 from zerosiam_llm.chunked import (
     DEFAULT_VOCAB_CHUNK,
     Stat,
-    _full_fp32_matmuls,
     chunk_rows,
     come_entropy,
+    full_fp32_matmuls,
     gather_noop,
     quantile_threshold,
     siamese_entropy,
@@ -132,7 +132,7 @@ def zerosiam_loss(
         raise UserInputError(f"alpha={alpha} needs a predictor; Tent is alpha=0 with predictor=None")
     h = _selected_rows(hidden, mask)
     if predictor is not None:
-        with _full_fp32_matmuls():  # D h is tiny next to h near P = I: bf16-internal / TF32 GEMMs would distort it
+        with full_fp32_matmuls():  # D h is tiny next to h near P = I: bf16-internal / TF32 GEMMs would distort it
             h_online, h_target = predictor(h), h
     else:
         h_online, h_target = h, None

@@ -194,7 +194,9 @@ class FieldParser(TrlParser):
         self.dataclass_type = dataclass_type
         self.fields = {f.name for f in dataclasses.fields(dataclass_type) if f.init}
         hints = typing.get_type_hints(dataclass_type)
-        own = set(dataclass_type.__annotations__)
+        # the project's fields, LabelFreeConfig's inherited ZeroSiamConfig ones included (not TRL's / HF's)
+        own = {name for k in dataclass_type.__mro__ if k.__module__.startswith("zerosiam_llm")
+               for name in vars(k).get("__annotations__", {})}  # fmt: skip
         defaults = {f.name: f.default for f in dataclasses.fields(dataclass_type)}
         for action in self._actions:
             if action.dest not in self.fields or action.type is None:

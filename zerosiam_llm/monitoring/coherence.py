@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from zerosiam_llm.chunked import DEFAULT_VOCAB_CHUNK, Stat, siamese_entropy
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.objectives import DEFAULT_VOCAB_CHUNK, Stat, siamese_entropy
 
 # ---------------------------------------------------------------------------------------------------------------
 # Coherence: the frozen base model's NLL of the completions

@@ -30,7 +30,7 @@ import zerosiam_llm.trainers.trl_private as trl_private
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import append_jsonl, read_jsonl
 from zerosiam_llm.methods import REGISTRY
-from zerosiam_llm.modeling import causal_lm
+from zerosiam_llm.modeling import causal_lm, check_plain_head
 from zerosiam_llm.monitoring import base_model_nll, parse_guard_rules, repetition_stats, rollout_metrics
 from zerosiam_llm.run_dir import (
     GUARD_STATE_FILE,
@@ -57,11 +57,22 @@ def model_short_name(model) -> str:
 class RunTrainerMixin:
     """The project's run behaviour on top of a TRL trainer (see the module docstring)."""
 
-    @staticmethod
-    def _resolve_model(model, args, processing_class):
-        """As TRL's trainers: ``model`` may be a Hub id, a folder, a ``.gguf`` file or ``embedded:NAME`` (loaded with
-        the config's ``model_dtype``, ``model_revision``, ``attn_implementation``, ``trust_remote_code``), and the
-        tokenizer defaults to the model's."""
+    config_class: type  # the subclass's config dataclass
+
+    @classmethod
+    def _trainer_inputs(cls, model, args, processing_class):
+        """As TRL's trainers: ``args=None`` is a default config writing to ``<model name>-<trainer name>``; ``model``
+        may be a Hub id, a folder, a ``.gguf`` file or ``embedded:NAME`` (loaded with the config's ``model_dtype``,
+        ``model_revision``, ``attn_implementation``, ``trust_remote_code``), the tokenizer then the model's. The LM
+        head must be a plain linear layer (the losses project hidden states through its weight)."""
+        if args is None:
+            args = cls.config_class(output_dir=f"{model_short_name(model)}-{cls._name}")
+        if not isinstance(args, cls.config_class):
+            raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}")
+        runs = REGISTRY[args.method].trainer_class
+        if not issubclass(cls, runs):  # e.g. a LabelFreeConfig (a ZeroSiamConfig subclass) for ZeroSiamTrainer
+            raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}: method {args.method} is "
+                            f"{runs.__name__}'s")  # fmt: skip
         if isinstance(model, str):
             from zerosiam_llm.modeling import load_model, resolve_model
 
@@ -72,7 +83,8 @@ class RunTrainerMixin:
                 from zerosiam_llm.modeling import load_tokenizer
 
                 processing_class = load_tokenizer(source, args.trust_remote_code)
-        return model, processing_class  # a model object without a tokenizer: TRL loads the one its config names
+        check_plain_head(model)
+        return model, args, processing_class  # a model object without a tokenizer: TRL loads the one it names
 
     def _setup_run(self, grader=None) -> None:
         """Called at the end of the subclass's ``__init__``, after TRL's (the model is wrapped, peft applied)."""

@@ -37,7 +37,6 @@ from zerosiam_llm.modeling import (
     PREDICTOR_ATTRIBUTE,
     attach_predictor,
     causal_lm,
-    check_plain_head,
     cpu_supports_bf16,
     get_predictor,
     lm_head_weight,
@@ -48,7 +47,7 @@ from zerosiam_llm.predictor import Predictor, has_predictor, load_predictor_stat
 from zerosiam_llm.rollout_copy import MergedRolloutCopy
 from zerosiam_llm.run_dir import RECOVERY_STATE_FILE
 from zerosiam_llm.sar import sam_ascend, sam_return
-from zerosiam_llm.trainers.base import RunTrainerMixin, model_short_name
+from zerosiam_llm.trainers.base import RunTrainerMixin
 from zerosiam_llm.trainers.callbacks import ModelRecoveryCallback
 
 logger = logging.getLogger(__name__)
@@ -60,6 +59,7 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
     _tag_names = ["trl", "zerosiam", "test-time-adaptation", "entropy-minimization"]
     _name = "ZeroSiam"
     _paper = REGISTRY["zerosiam"].paper.as_trl()  # create_model_card cites the paper of the method a run used
+    config_class = ZeroSiamConfig
 
     def __init__(
         self,
@@ -71,12 +71,7 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         callbacks: list[TrainerCallback] | None = None,
         grader=None,
     ) -> None:
-        if args is None:  # as TRL's trainers: a default config writing to <model name>-ZeroSiam
-            args = ZeroSiamConfig(output_dir=f"{model_short_name(model)}-ZeroSiam")
-        if not isinstance(args, ZeroSiamConfig):
-            raise TypeError("ZeroSiamTrainer needs a ZeroSiamConfig")
-        model, processing_class = self._resolve_model(model, args, processing_class)
-        check_plain_head(model)
+        model, args, processing_class = self._trainer_inputs(model, args, processing_class)
         generation_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
         if generation_batch % args.num_rollouts:
             raise UserInputError(

@@ -32,10 +32,10 @@ from zerosiam_llm.configs import LabelFreeConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.grading import has_boxed
 from zerosiam_llm.methods import REGISTRY
-from zerosiam_llm.modeling import causal_lm, check_plain_head, final_hidden_states
+from zerosiam_llm.modeling import causal_lm, final_hidden_states
 from zerosiam_llm.objectives import SequenceScores, sequence_scores
 from zerosiam_llm.rewards import LOGIT_METHODS, VoteReward, completion_text
-from zerosiam_llm.trainers.base import RunTrainerMixin, model_short_name
+from zerosiam_llm.trainers.base import RunTrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
     _tag_names = ["trl", "grpo", "zerosiam", "test-time-adaptation", "label-free"]
     _name = "LabelFree"
     _paper = REGISTRY["majority-vote"].paper.as_trl()
+    config_class = LabelFreeConfig
 
     def __init__(
         self,
@@ -71,12 +72,7 @@ class LabelFreeTrainer(RunTrainerMixin, GRPOTrainer):
         callbacks: list[TrainerCallback] | None = None,
         grader=None,
     ) -> None:
-        if args is None:  # as TRL's trainers: a default config writing to <model name>-LabelFree
-            args = LabelFreeConfig(output_dir=f"{model_short_name(model)}-LabelFree")
-        if not isinstance(args, LabelFreeConfig):
-            raise TypeError("LabelFreeTrainer needs a LabelFreeConfig")
-        model, processing_class = self._resolve_model(model, args, processing_class)
-        check_plain_head(model)  # the rollout scores project hidden states through the head, as the losses do
+        model, args, processing_class = self._trainer_inputs(model, args, processing_class)
         self.args = args  # the logit reward reads it before TRL's __init__ sets it
         if args.method in LOGIT_METHODS:
             reward = LogitReward(self)
