@@ -127,3 +127,19 @@ def test_the_rl_config_parses_the_inherited_fields_as_the_entropy_one_does():
         config = build_config("smollm2-135m-online-cpu", {"method": method, "num_rollouts": 4, "temperature": 1.0,
                                                           "compare_methods": "null", "benchmarks": "gsm8k,math500"})
         assert config.compare_methods is None and config.benchmarks == ["gsm8k", "math500"], method
+
+
+def test_the_one_argv_scanner():
+    """option_spans serves --recipe / --config (pop_option), the method before parsing, and --compare_methods'
+    child commands (strip_options): both spellings, =, a flag with no value, repeats."""
+    from zerosiam_llm.parser import _method_in, option_spans, pop_option, strip_options
+
+    argv = ["--recipe", "r", "--method=tent", "--output-dir", "o", "--resume", "--method", "sar", "--lr", "1"]
+    spans = [(2, 3, "method", "tent"), (3, 5, "output_dir", "o"), (5, 6, "resume", None), (6, 8, "method", "sar")]
+    assert option_spans(argv, ("method", "output_dir", "resume")) == spans
+    assert _method_in(argv, "zerosiam") == "sar" and _method_in(["--lr", "1"], "zerosiam") == "zerosiam"
+    assert strip_options(argv, ("method", "output_dir")) == ["--recipe", "r", "--resume", "--lr", "1"]
+    rest = list(argv)
+    assert pop_option(rest, "recipe") == "r" and rest == argv[2:] and pop_option(rest, "config") is None
+    with pytest.raises(UserInputError, match="--recipe needs a value"):
+        pop_option(["--recipe", "--method", "tent"], "recipe")

@@ -13,6 +13,7 @@ from zerosiam_llm.configs import ZeroSiamConfig
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.files import atomic_write_json, atomic_write_text
 from zerosiam_llm.online import TRAIN_COMMAND, accuracy_record
+from zerosiam_llm.parser import strip_options
 from zerosiam_llm.run_dir import SUMMARY_FILE
 
 
@@ -89,7 +90,7 @@ def compare_methods(config: ZeroSiamConfig, argv: list[str]) -> dict[str, Any]:
     """Run each method in its own process (clean GPU memory, resumable) on the same streams; write the table."""
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    base = _strip_flags(argv, ("compare_methods", "compare_overrides", "method", "output_dir"))
+    base = strip_options(argv, ("compare_methods", "compare_overrides", "method", "output_dir"))
     results = {}
     for method in config.compare_methods:
         out = root / method
@@ -116,16 +117,3 @@ def method_overrides(config: ZeroSiamConfig, method: str) -> list[str]:
     for name, value in values.items():
         flags += [f"--{name}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
     return flags
-
-
-def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    out, i = [], 0
-    while i < len(argv):
-        token = argv[i]
-        key = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
-        if key in names:
-            i += 1 if "=" in token or i + 1 >= len(argv) or argv[i + 1].startswith("--") else 2
-            continue
-        out.append(token)
-        i += 1
-    return out

@@ -270,19 +270,43 @@ class FieldParser(TrlParser):
         return obj
 
 
+def option_spans(argv: Sequence[str], names: Sequence[str]) -> list[tuple[int, int, str, str | None]]:
+    """The one command-line scanner: each ``--name VALUE`` / ``--name=VALUE`` of ``names`` (``-`` or ``_`` in the
+    name) in ``argv``, as ``(start, end, name, value)``; value None for a flag followed by another flag or nothing."""
+    spans, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        key = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+        if key not in names:
+            i += 1
+        elif "=" in token:
+            spans.append((i, i + 1, key, token.split("=", 1)[1]))
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            spans.append((i, i + 2, key, argv[i + 1]))
+            i += 2
+        else:
+            spans.append((i, i + 1, key, None))
+            i += 1
+    return spans
+
+
 def pop_option(argv: list[str], name: str) -> str | None:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``argv``; returns VALUE (None when absent)."""
-    for i, token in enumerate(argv):
-        if token == f"--{name}":
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise UserInputError(f"--{name} needs a value")
-            value = argv[i + 1]
-            del argv[i : i + 2]
-            return value
-        if token.startswith(f"--{name}="):
-            del argv[i]
-            return token.split("=", 1)[1]
-    return None
+    """Remove the first ``--name VALUE`` / ``--name=VALUE`` from ``argv``; returns VALUE (None when absent)."""
+    spans = option_spans(argv, (name,))
+    if not spans:
+        return None
+    start, end, _, value = spans[0]
+    if value is None:
+        raise UserInputError(f"--{name} needs a value")
+    del argv[start:end]
+    return value
+
+
+def strip_options(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """``argv`` without any ``--name [VALUE]`` of ``names``."""
+    dropped = {i for start, end, _, _ in option_spans(argv, names) for i in range(start, end)}
+    return [token for i, token in enumerate(argv) if i not in dropped]
 
 
 TRAIN_DESCRIPTION = (
@@ -307,13 +331,8 @@ def config_class_for(method: str | None) -> type:
 
 def _method_in(argv: Sequence[str], recipe_method: Any) -> Any:
     """The ``method`` a command line (its last ``--method``) or else a recipe asks for, before parsing."""
-    method = recipe_method
-    for i, token in enumerate(argv):
-        if token == "--method" and i + 1 < len(argv):
-            method = argv[i + 1]
-        elif token.startswith("--method="):
-            method = token.split("=", 1)[1]
-    return method
+    values = [value for *_, value in option_spans(argv, ("method",)) if value is not None]
+    return values[-1] if values else recipe_method
 
 
 def _without_unused_fields(values: dict[str, Any], method: Any, path: Path | None) -> dict[str, Any]:
