@@ -342,7 +342,14 @@ class ZeroSiamConfig(DistillationConfig):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
     max_completion_length: int | None = field(default=256, metadata={"help": "Max new tokens per rollout."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of the rollouts. 0 = greedy, recorded as temperature 1.0 with "
+            "generation_kwargs {do_sample: false} (temperature: 0.0 for vLLM): TRL builds its GenerationConfig from "
+            "this field, and transformers refuses temperature 0 without sampling."
+        },
+    )
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Rollouts per device per micro-step."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the policy."})
     max_steps: int = field(
