@@ -1,6 +1,7 @@
-"""LabelFreeTrainer against TRL's GRPOTrainer: every hook it overrides keeps its parent's signature, and the TRL
-private state the project reads (through ``trainers/trl_private.py`` only) still exists. The rewards themselves are
-tested in test_rewards.py."""
+"""The trainers against TRL's: every hook LabelFreeTrainer overrides keeps GRPOTrainer's signature, the generation
+hooks of both trainers keep their parents' return contract, the lists of overrides are complete, and the TRL private
+state the project reads (through ``trainers/trl_private.py`` only) still exists. The rewards themselves are tested
+in test_rewards.py."""
 
 import ast
 import inspect
@@ -89,3 +90,26 @@ def test_the_private_state_trl_private_uses_exists(tiny_model_dir, tmp_path, met
     from trl.generation.vllm_generation import VLLMGeneration
 
     assert [p for p, _ in _parameters(VLLMGeneration._iter_named_params)] == ["self"]
+
+
+@pytest.mark.parametrize("method", ["majority-vote", "self-certainty", "zerosiam"])
+def test_overridden_generation_hooks_return_what_their_parents_return(tiny_model_dir, tmp_path, method):
+    """The return contract: each trainer's _generate_and_score_completions (and GRPO's _generate) gives TRL's own
+    keys and shapes on the same batch, so TRL's loss and logging read it unchanged; the additions are records only."""
+    from zerosiam_llm.testing import direct_trainer
+
+    rl = method != "zerosiam"
+    overrides = {"num_rollouts": 2, "per_device_train_batch_size": 4} if rl else {}
+    trainer = direct_trainer(tiny_model_dir, tmp_path, method=method, **overrides)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    parent = GRPOTrainer if rl else DistillationTrainer
+    ours = trainer._generate_and_score_completions(batch)
+    theirs = parent._generate_and_score_completions(trainer, batch)
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        if hasattr(value, "shape"):
+            assert ours[key].shape == value.shape and ours[key].dtype == value.dtype, key
+    if rl:
+        prompts = [x["prompt"] for x in batch]
+        assert len(trainer._generate(prompts)) == len(GRPOTrainer._generate(trainer, prompts))
