@@ -3,7 +3,14 @@
 import pytest
 
 from zerosiam_llm.errors import UserInputError
-from zerosiam_llm.experiments.plots import collapse_table, main, plot_runs
+from zerosiam_llm.experiments.plots import (
+    _map_cell_text,
+    _range_columns,
+    collapse_table,
+    main,
+    plot_runs,
+    plot_stability_map,
+)
 from zerosiam_llm.files import append_jsonl
 
 
@@ -96,3 +103,30 @@ def test_bad_inputs(two_runs, tmp_path):
     (empty / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(UserInputError, match=r"metrics.jsonl, line 1: not valid JSON"):
         collapse_table([empty])
+
+
+def _map_row(config, lr, verdicts, first=None, seeds=3):
+    healthy = sum(v == "healthy" for v in verdicts)
+    return {"stream": "gsm8k", "config": config, "learning_rate": lr, "seeds": seeds, "finished": len(verdicts),
+            "healthy": healthy, "verdicts": verdicts, "first_rule_update": first}  # fmt: skip
+
+
+def test_stability_map_cells_say_healthy_collapsed_degraded_and_the_first_rule(tmp_path):
+    collapsed = "collapsed (first rule at update 8)"
+    degraded = "degraded (monitor/repetition above 0.5, update 14)"
+    assert _map_cell_text(_map_row("tent", 3e-4, [collapsed] * 3, first=8), 16) == "0/3\n3C @8"
+    assert _map_cell_text(_map_row("zs", 3e-4, ["healthy", "healthy", degraded], first=17), 16) == "2/3\n1D >16"
+    assert _map_cell_text(_map_row("zs", 1e-3, [degraded, collapsed], first=4), 16) == "0/2 +1\n1C 1D @4"
+    assert _map_cell_text(_map_row("zs", 1e-4, ["healthy"] * 3, first=17), 16) == "3/3\nclean"
+    merit = [
+        {"stream": "gsm8k", "config": "tent", "low": None, "high": None, "width": 0.0, "width_vs_baseline": None,
+         "accuracy": None},
+        {"stream": "gsm8k", "config": "zs", "low": 1e-4, "high": 3e-4, "width": 9.0, "width_vs_baseline": 3.0,
+         "accuracy": 0.02, "ci95": [0.01, 0.04]},
+    ]  # fmt: skip
+    assert _range_columns(merit[0], "tent") == ["none", "0", "(baseline)", "-"]
+    assert _range_columns(merit[1], "tent") == ["0.0001-0.0003", "9.0", "3.0x", "2.0 [1.0, 4.0]"]
+    summary = [_map_row("tent", 3e-4, [collapsed] * 3, first=8), _map_row("zs", 3e-4, ["healthy"] * 3, first=17)]
+    summary += [_map_row("tent", 1e-4, []), _map_row("zs", 1e-4, [])]  # not run
+    out = plot_stability_map(summary, ["gsm8k"], ["tent", "zs"], [1e-4, 3e-4], tmp_path / "map.png", 16, merit, "tent")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

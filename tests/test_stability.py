@@ -219,7 +219,9 @@ def test_sweep_runs_classifies_and_resumes(tiny_model_dir, tmp_path):
         record = json.loads((cell.folder(out) / CELL_FILE).read_text())
         assert record["verdict"] in ("healthy", "degraded", "collapsed")
         assert record["updates"] == 2 and record["problems"] == 4
+        assert record["machine"]["torch"] and record["machine"]["cpu"]  # where it ran: pooled maps say so
     report = (out / "stability.md").read_text()
+    assert "\nCells ran on: " in report and "(2 cells)." in report
     assert "| arithmetic | zerosiam-sgd | 0.001 | " in report
     data = json.loads((out / "stability.json").read_text())
     assert len(data["cells"]) == 2 and {m["config"] for m in data["healthy_range"]} == {"tent", "zerosiam-sgd"}
@@ -271,3 +273,42 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path):
     assert records == {} and [c.config for c in failed] == ["tent", "zs"]
     assert (failed[0].folder(tmp_path / "out") / "train.log").read_text().strip() == "boom"
     assert not (failed[0].folder(tmp_path / "out") / CELL_FILE).exists()  # retried on the next run
+
+
+def test_configs_runs_only_those_rows_and_the_report_covers_the_grid(tmp_path, capsys):
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}, "zs": {}}))
+    crash = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    out = tmp_path / "out"
+    _, failed = run_grid(grid, out, crash, poll_seconds=0.05, configs=["zs"])
+    assert [c.config for c in failed] == ["zs"]
+    assert not (Cell("arithmetic", "tent", 1e-3, 0).folder(out) / "train.log").exists()  # not started
+    assert "1 left for later (not in --configs)" in capsys.readouterr().out
+    assert "| arithmetic | tent | 0.001 | 0/1 (0 run) | not run |" in (out / "stability.md").read_text()
+    with pytest.raises(UserInputError, match="--configs: 'sar' is not a config of the grid; configs: tent, zs"):
+        run_grid(grid, out, crash, configs=["sar"])
+
+
+def test_reuse_copies_a_finished_cell_with_the_same_arguments(tmp_path):
+    fields = {"method": "zerosiam", "predictor_lr_ratio": 30}
+    first = load_grid(_write_grid(tmp_path / "a.yaml", tmp_path, {"zs-x30": fields}, baseline=None))
+    (cell,) = first.cells()
+    folder = cell.folder(tmp_path / "first")
+    folder.mkdir(parents=True)
+    (folder / "cell_args.json").write_text(json.dumps(first.cell_args(cell, None)))
+    record = {"config": "zs-x30", "verdict": "degraded", "rule": "monitor/repetition above 0.5", "update": 2,
+              "correct": 1, "graded": 4}  # fmt: skip
+    (folder / CELL_FILE).write_text(json.dumps(record))
+    # the second grid: the same fields under another name (copied), and one with other fields (run)
+    second = load_grid(
+        _write_grid(
+            tmp_path / "b.yaml", tmp_path, {"zerosiam": fields, "zs-x1": {"predictor_lr_ratio": 1}}, baseline=None
+        )
+    )
+    crash = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    records, failed = run_grid(second, tmp_path / "second", crash, poll_seconds=0.05, reuse=[tmp_path / "first"])
+    copied = Cell("arithmetic", "zerosiam", 1e-3, 0)
+    assert [c.config for c in failed] == ["zs-x1"] and set(records) == {copied}
+    on_disk = json.loads((copied.folder(tmp_path / "second") / CELL_FILE).read_text())
+    assert on_disk == {**record, "config": "zerosiam", "reused_from": str(folder)} == records[copied]
+    with pytest.raises(UserInputError, match="--reuse .*nowhere: no such folder"):
+        run_grid(second, tmp_path / "second", crash, reuse=[tmp_path / "nowhere"])

@@ -160,6 +160,43 @@ def collapse_table(run_dirs: Sequence[str | Path], labels: Sequence[str] | None 
     return "\n".join(lines) + "\n"
 
 
+def _map_cell_text(row: dict, batches: int | None) -> str:
+    """``healthy/finished`` seeds (``+N`` still to run), then ``3C``/``1D`` (seeds collapsed / degraded) and the
+    median update of the first guard rule (``@8``; ``>16`` when it outlasted the stream), or ``clean``."""
+    verdicts = [v.split(" ")[0] for v in row["verdicts"]]
+    todo = row["seeds"] - row["finished"]
+    head = f"{row['healthy']}/{row['finished']}" + (f" +{todo}" if todo else "")
+    marks = [
+        f"{n}{letter}" for n, letter in ((verdicts.count("collapsed"), "C"), (verdicts.count("degraded"), "D")) if n
+    ]
+    if not marks:
+        return f"{head}\nclean"
+    first = row.get("first_rule_update")
+    if first is not None:
+        marks.append(f">{batches}" if batches is not None and first > batches else f"@{first:g}")
+    return f"{head}\n{' '.join(marks)}"
+
+
+def _range_columns(merit: dict | None, baseline: str | None) -> list[str]:
+    """The healthy-range table row of one config: range, width, width over the baseline's, accuracy in range."""
+    if merit is None:
+        return ["-", "-", "-", "-"]
+    rng = "none" if merit["low"] is None else f"{merit['low']:g}" if merit["low"] == merit["high"] else (
+        f"{merit['low']:g}-{merit['high']:g}")  # fmt: skip
+    ratio = merit.get("width_vs_baseline")
+    vs = "(baseline)" if merit["config"] == baseline else "-" if ratio is None else "inf" if ratio == math.inf else (
+        f"{ratio:.1f}x")  # fmt: skip
+    acc = "-"
+    if merit.get("accuracy") is not None:
+        low, high = merit["ci95"]
+        acc = f"{100 * merit['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    return [rng, "0" if not merit["width"] else f"{merit['width']:.1f}", vs, acc]
+
+
+RANGE_HEADERS = ("healthy lr range", "width", "vs base", "acc % [95% CI]")
+RANGE_X = (0.0, 0.36, 0.5, 0.66)  # column positions in the table panel (axes fraction)
+
+
 def plot_stability_map(
     summary: Sequence[dict],
     streams: Sequence[str],
@@ -167,44 +204,60 @@ def plot_stability_map(
     learning_rates: Sequence[float],
     output: str | Path,
     batches: int | None = None,
+    merit: Sequence[dict] = (),
+    baseline: str | None = None,
 ) -> Path:
-    """Heat map per stream: learning rate across, configuration down, colour = share of seeds healthy. Each cell
-    prints healthy/finished seeds (and how many are still to run), how many seeds were degraded (D) or collapsed
-    (C), and the median update at which the first guard rule fired (``rule @N``; ``clean`` when none fired in
-    ``batches`` updates)."""
+    """The collapse map, one panel pair per stream. Left: configuration down, learning rate across, colour = share
+    of seeds healthy; each cell prints healthy/finished seeds, how many collapsed (C) or degraded (D) and the median
+    update of the first guard rule (``@N``), or ``clean``. Right, row by row: the healthy-range table (the widest
+    run of learning rates where every seed is healthy, its width, its ratio to the baseline's width, and the pooled
+    accuracy inside it with its 95% Wilson interval)."""
     from matplotlib.figure import Figure
 
     output = Path(output)
     by_key = {(r["stream"], r["config"], r["learning_rate"]): r for r in summary}
-    fig = Figure(figsize=(2.2 + 1.15 * len(learning_rates) * len(streams), 1.2 + 0.7 * len(configs)),
+    merit_by_key = {(m["stream"], m["config"]): m for m in merit}
+    n_lr, table_width = len(learning_rates), 4.4 if merit else 0.0
+    fig = Figure(figsize=(1.9 + (0.85 * n_lr + table_width) * len(streams), 1.5 + 0.42 * len(configs)),
                  layout="constrained")  # fmt: skip
-    axes = fig.subplots(1, len(streams), squeeze=False).ravel()
+    ratios = [n_lr * 0.85, table_width] * len(streams) if merit else [1] * len(streams)
+    axes = fig.subplots(1, len(ratios), squeeze=False, width_ratios=ratios).ravel()
+    map_axes = axes[::2] if merit else axes
     image = None
-    for ax, stream in zip(axes, streams, strict=True):
-        share = [[math.nan] * len(learning_rates) for _ in configs]
+    for k, (ax, stream) in enumerate(zip(map_axes, streams, strict=True)):
+        share = [[math.nan] * n_lr for _ in configs]
         for i, config in enumerate(configs):
             for j, lr in enumerate(learning_rates):
                 r = by_key.get((stream, config, lr))
                 if r is None or not r["finished"]:
-                    ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.4")
+                    ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.45")
                     continue
                 share[i][j] = r["healthy"] / r["finished"]
-                verdicts = [v.split(" ")[0] for v in r["verdicts"]]
-                detail = f"{verdicts.count('degraded')}D {verdicts.count('collapsed')}C"
-                first = r.get("first_rule_update")
-                if first is not None:
-                    detail += "\nclean" if batches is not None and first > batches else f"\nrule @{first:g}"
-                todo = r["seeds"] - r["finished"]
-                partial = f" ({todo} to run)" if todo else ""
-                ax.text(j, i, f"{r['healthy']}/{r['finished']} healthy{partial}\n{detail}", ha="center", va="center",
-                        fontsize=8)  # fmt: skip
+                dark = share[i][j] < 0.15 or share[i][j] > 0.85
+                ax.text(j, i, _map_cell_text(r, batches), ha="center", va="center", fontsize=8, linespacing=1.1,
+                        color="white" if dark else "black")  # fmt: skip
         image = ax.imshow(share, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(learning_rates)), [f"{lr:g}" for lr in learning_rates], fontsize=8)
-        ax.set_yticks(range(len(configs)), list(configs) if ax is axes[0] else [""] * len(configs), fontsize=8)
+        ax.set_xticks(range(n_lr), [f"{lr:g}" for lr in learning_rates], fontsize=8)
+        ax.set_yticks(range(len(configs)), list(configs) if k == 0 else [""] * len(configs), fontsize=8)
         ax.set_xlabel("LoRA learning rate", fontsize=8)
         ax.set_title(stream, fontsize=10)
+        if merit:
+            table = axes[2 * k + 1]
+            table.set_ylim(ax.get_ylim())
+            table.set_xlim(0, 1)
+            table.axis("off")
+            for x, header in zip(RANGE_X, RANGE_HEADERS, strict=True):
+                table.text(x, -0.75, header, fontsize=8, fontweight="bold", va="center")
+            for i, config in enumerate(configs):
+                columns = _range_columns(merit_by_key.get((stream, config)), baseline)
+                for x, text in zip(RANGE_X, columns, strict=True):
+                    table.text(x, i, text, fontsize=8, va="center")
     if image is not None:
-        fig.colorbar(image, ax=list(axes), label="share of seeds healthy", shrink=0.9)
+        bar = fig.colorbar(image, ax=list(map_axes), orientation="horizontal", fraction=0.04, aspect=30)
+        bar.set_label("share of seeds healthy", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    fig.supxlabel(f"cell: healthy/finished seeds; C collapsed, D degraded, @N median update of the first guard rule"
+                  f" (of {batches}); clean: no rule fired", fontsize=7)  # fmt: skip
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format=output.suffix.lstrip(".") or "png", dpi=120)
     return output

@@ -160,7 +160,25 @@ def map_tables(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Sequence[Mapping[str, Any]]) -> str:
+def machines_line(records: Mapping[Cell, Mapping[str, Any]]) -> list[str]:
+    """Where the cells ran, when they recorded it (cells from before the record was kept count as not recorded):
+    numerics, and so borderline verdicts, can differ between CPUs."""
+    counts: dict[str, int] = {}
+    for r in records.values():
+        m = r.get("machine")
+        key = "not recorded" if m is None else f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}"
+        counts[key] = counts.get(key, 0) + 1
+    if set(counts) <= {"not recorded"}:
+        return []
+    return ["", "Cells ran on: " + "; ".join(f"{k} ({n} cells)" for k, n in sorted(counts.items())) + "."]
+
+
+def report_markdown(
+    grid: Grid,
+    summary: Sequence[Mapping[str, Any]],
+    merit: Sequence[Mapping[str, Any]],
+    records: Mapping[Cell, Mapping[str, Any]] | None = None,
+) -> str:
     lines = [
         "# Stability map",
         "",
@@ -172,6 +190,7 @@ def report_markdown(grid: Grid, summary: Sequence[Mapping[str, Any]], merit: Seq
         f'seeds; "first rule at" is the lower median of the update at which each run\'s first guard rule fired '
         f"(> {grid.batches}: none fired). Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson "
         "interval.",
+        *machines_line(records or {}),
         "",
         "## Healthy learning-rate range",
         "",
@@ -215,7 +234,7 @@ def write_report(grid: Grid, records: Mapping[Cell, Mapping[str, Any]], output_d
     summary = summarise_cells(grid, records)
     merit = figure_of_merit(grid, summary)
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "stability.md", report_markdown(grid, summary, merit))
+    atomic_write_text(output_dir / "stability.md", report_markdown(grid, summary, merit, records))
     payload = {
         "grid": {k: getattr(grid, k) for k in GRID_FIELDS},
         "cells": [dict(r) for r in records.values()],
@@ -224,9 +243,9 @@ def write_report(grid: Grid, records: Mapping[Cell, Mapping[str, Any]], output_d
     }
     atomic_write_text(output_dir / "stability.json", json.dumps(payload, indent=1, default=_json_default) + "\n")
     if records:
-        plot_stability_map(
-            summary, grid.streams, list(grid.configs), grid.learning_rates, output_dir / "stability.png", grid.batches
-        )
+        png = output_dir / "stability.png"
+        plot_stability_map(summary, grid.streams, list(grid.configs), grid.learning_rates, png, grid.batches, merit,
+                           grid.baseline)  # fmt: skip
 
 
 def _json_default(value: Any) -> Any:

@@ -19,14 +19,18 @@ update per batch. Each finished run is classified from its logged metrics with t
 
 A killed sweep resumes: finished cells (``cell.json``) are skipped, an unfinished one reruns its ``train.py``
 command, which itself resumes from the run's last checkpoint. ``stability.md``, ``stability.json`` and
-``stability.png`` are rewritten after every cell.
+``stability.png`` are rewritten after every cell. ``--configs`` runs some rows now and the rest later (the report
+always covers the whole grid); ``--reuse`` copies a finished cell of another sweep whose ``train.py`` arguments are
+the same, instead of running it again (same arguments, same run: the verdict is copied, with ``reused_from``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -62,7 +66,24 @@ def _count_updates(cell_dir: Path) -> int:
         return 0
 
 
-def finish_cell(cell: Cell, cell_dir: Path, args: list[str]) -> dict[str, Any]:
+def machine(threads: int | None = None) -> dict[str, Any]:
+    """Where a cell ran: CPU model, threads, torch version (a map pooled from several machines says so)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = None
+    return {"cpu": cpu, "threads": threads or os.cpu_count(), "torch": torch_version}
+
+
+def finish_cell(cell: Cell, cell_dir: Path, args: list[str], threads: int | None = None) -> dict[str, Any]:
     """Classify a finished run and write its ``cell.json`` (the mark that the cell is done)."""
     stream = _stream_dir(cell_dir)
     if stream is None or not (stream / STREAM_SUMMARY).is_file():
@@ -71,7 +92,7 @@ def finish_cell(cell: Cell, cell_dir: Path, args: list[str]) -> dict[str, Any]:
     summary = json.loads((stream / STREAM_SUMMARY).read_text())
     record = {
         "stream": cell.stream, "config": cell.config, "learning_rate": cell.learning_rate, "seed": cell.seed,
-        "args": args, **classify_run(rows), **run_metrics(rows, summary),
+        "args": args, **classify_run(rows), **run_metrics(rows, summary), "machine": machine(threads),
     }  # fmt: skip
     atomic_write_json(cell_dir / CELL_FILE, record)
     return record
@@ -89,6 +110,26 @@ def _check_same_args(cell: Cell, cell_dir: Path, args: list[str]) -> None:
         atomic_write_json(spec, args)
 
 
+def finished_cells_by_args(roots: Sequence[Path]) -> dict[str, Path]:
+    """The finished cells under other sweeps' output folders, keyed by their ``train.py`` arguments (as JSON)."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        if not Path(root).is_dir():
+            raise UserInputError(f"--reuse {root}: no such folder (another sweep's --output_dir)")
+        for spec in sorted(Path(root).glob(f"*/*/*/*/{CELL_ARGS_FILE}")):
+            if (spec.parent / CELL_FILE).is_file():
+                found.setdefault(json.dumps(json.loads(spec.read_text())), spec.parent)
+    return found
+
+
+def reuse_cell(cell: Cell, cell_dir: Path, source: Path) -> dict[str, Any]:
+    """Copy a finished cell of another sweep (the same arguments): its record under this grid's config name."""
+    record = json.loads((source / CELL_FILE).read_text())
+    record.update(config=cell.config, reused_from=str(source))
+    atomic_write_json(cell_dir / CELL_FILE, record)
+    return record
+
+
 def run_grid(
     grid: Grid,
     output_dir: Path,
@@ -96,10 +137,19 @@ def run_grid(
     data_dir: str | None = None,
     threads: int | None = None,
     poll_seconds: float = 2.0,
+    configs: Sequence[str] | None = None,
+    reuse: Sequence[Path] = (),
 ) -> tuple[dict[Cell, dict[str, Any]], list[Cell]]:
-    """Run every unfinished cell, one process at a time, rewriting the report after each; returns the finished
-    records and the cells whose run failed (a failed cell does not stop the others; re-running retries it)."""
+    """Run every unfinished cell (of ``configs`` only, when given), one process at a time, rewriting the report
+    after each; a cell whose arguments equal a finished cell under a ``reuse`` folder is copied from it. Returns the
+    finished records and the cells whose run failed (a failed cell does not stop the others; re-running retries it)."""
     from tqdm.auto import tqdm
+
+    unknown = [c for c in configs or () if c not in grid.configs]
+    if unknown:
+        raise UserInputError(
+            f"--configs: {unknown[0]!r} is not a config of the grid; configs: {', '.join(grid.configs)}"
+        )
 
     if "gsm8k" in grid.streams and not data_dir:
         raise UserInputError("the gsm8k stream needs --data_dir (a folder holding gsm8k_test.jsonl)")
@@ -114,12 +164,19 @@ def run_grid(
         plans.append((cell, cell_dir, args))
     records: dict[Cell, dict[str, Any]] = {}
     todo = []
+    reusable = finished_cells_by_args(reuse)
+    reused = 0
     for cell, cell_dir, args in plans:
         if (cell_dir / CELL_FILE).is_file():
             records[cell] = json.loads((cell_dir / CELL_FILE).read_text())
-        else:
+        elif json.dumps(args) in reusable:
+            records[cell] = reuse_cell(cell, cell_dir, reusable[json.dumps(args)])
+            reused += 1
+        elif configs is None or cell.config in configs:
             todo.append((cell, cell_dir, args))
-    print(f"[stability] {len(cells)} cells: {len(records)} finished, {len(todo)} to run", flush=True)
+    later = len(cells) - len(records) - len(todo)
+    print(f"[stability] {len(cells)} cells: {len(records)} finished ({reused} copied from --reuse), {len(todo)} to run"
+          + (f", {later} left for later (not in --configs)" if later else ""), flush=True)  # fmt: skip
     write_report(grid, records, output_dir)
     env = dict(os.environ)
     if threads:
@@ -150,7 +207,7 @@ def run_grid(
             bar.update(grid.batches - seen)
             continue
         bar.update(max(grid.batches - seen, 0))
-        records[cell] = finish_cell(cell, cell_dir, args)
+        records[cell] = finish_cell(cell, cell_dir, args, threads)
         bar.write(f"[stability] {cell.name}: {verdict_text(records[cell])}")
         write_report(grid, records, output_dir)
     bar.close()
@@ -188,7 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--data_dir", default=None, help="folder with gsm8k_test.jsonl (the gsm8k stream)")
         parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: all)")
         parser.add_argument("--report_only", action="store_true", help="rewrite the reports from finished cells")
+        parser.add_argument(
+            "--configs",
+            default=None,
+            help="comma-separated config names: run only their cells now (the report covers all)",
+        )
+        parser.add_argument("--reuse", type=Path, action="append", default=[], metavar="DIR",
+                            help="another sweep's --output_dir: copy its finished cells with the same arguments "
+                            "instead of running them (repeatable)")  # fmt: skip
         ns = parser.parse_args(args)
+        only = [c.strip() for c in ns.configs.split(",") if c.strip()] if ns.configs is not None else None
         grid = load_grid(ns.grid)
         if ns.report_only:
             records = {}
@@ -200,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from zerosiam_llm.online import TRAIN_COMMAND  # here: a bad grid file is refused without loading torch+trl
 
-            _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads)
+            _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads, configs=only,
+                                 reuse=ns.reuse)  # fmt: skip
             if failed:
                 return 1
         print((ns.output_dir / "stability.md").read_text())
