@@ -11,7 +11,7 @@ import yaml
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.experiments.classify import classify_run, run_metrics
 from zerosiam_llm.experiments.grid import Cell, load_grid
-from zerosiam_llm.experiments.report import figure_of_merit, healthy_range, summarise_cells
+from zerosiam_llm.experiments.report import _predictions, figure_of_merit, healthy_range, summarise_cells
 from zerosiam_llm.experiments.stability import CELL_FILE, main, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,3 +312,13 @@ def test_reuse_copies_a_finished_cell_with_the_same_arguments(tmp_path):
     assert on_disk == {**record, "config": "zerosiam", "reused_from": str(folder)} == records[copied]
     with pytest.raises(UserInputError, match="--reuse .*nowhere: no such folder"):
         run_grid(second, tmp_path / "second", crash, reuse=[tmp_path / "nowhere"])
+
+
+def test_the_report_says_which_configs_answer_by_sampled_majority(tmp_path):
+    configs = {"tent": {"method": "tent"}, "ttrl": {"method": "majority-vote", "num_rollouts": 4, "temperature": 1.0}}
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, configs))
+    assert (
+        _predictions(grid) == "greedy predictions, except the majority answer of k sampled rollouts for ttrl k=4 T=1.0"
+    )
+    greedy = load_grid(_write_grid(tmp_path / "h.yaml", tmp_path, {"tent": {"method": "tent"}}))
+    assert _predictions(greedy) == "greedy predictions"

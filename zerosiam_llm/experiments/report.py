@@ -160,6 +160,18 @@ def map_tables(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _predictions(grid: Grid) -> str:
+    """How the scored answers were made: greedy, except configs that sample k > 1 rollouts (the GRPO methods)."""
+    sampled = []
+    for name, fields in grid.configs.items():
+        merged = {**grid.overrides, **fields}
+        if int(merged.get("num_rollouts", 1)) > 1:
+            sampled.append(f"{name} k={merged['num_rollouts']} T={merged.get('temperature', 'recipe')}")
+    if not sampled:
+        return "greedy predictions"
+    return f"greedy predictions, except the majority answer of k sampled rollouts for {', '.join(sampled)}"
+
+
 def machines_line(records: Mapping[Cell, Mapping[str, Any]]) -> list[str]:
     """Where the cells ran, when they recorded it (cells from before the record was kept count as not recorded):
     numerics, and so borderline verdicts, can differ between CPUs."""
@@ -183,7 +195,8 @@ def report_markdown(
         "# Stability map",
         "",
         f"Online protocol, recipe `{grid.recipe}`, {grid.batches} batches of {grid.stream_batch_size} problems "
-        f"per run (greedy predictions, one update per batch), seeds {', '.join(map(str, grid.seeds))}. Verdicts from "
+        f"per run ({_predictions(grid)}, one update per batch), seeds {', '.join(map(str, grid.seeds))}. "
+        "Verdicts from "
         # the committed reports say stability.py (now experiments/): kept, so every report regenerates byte-identical
         "the collapse guard's default rules replayed over each run's metrics (see `zerosiam_llm/stability.py`). Final "
         f"values are the mean of the last {FINAL_WINDOW} updates, ratios are final / first update; medians over "
