@@ -168,9 +168,8 @@ class ZeroSiamTrainer(RunTrainerMixin, DistillationTrainer):
         if not online_repeats:
             return super()._prepare_inputs(generation_batch)
         # predict once per stream batch, then reuse those rollouts for steps_per_batch updates
-        if trl_private.generation_step(self) % self.args.steps_per_batch == 0 or not trl_private.buffered_generation(
-            self
-        ):
+        new_batch = trl_private.generation_step(self) % self.args.steps_per_batch == 0
+        if new_batch or not trl_private.buffered_generation(self):
             trl_private.set_buffered_generation(self, [self._generate_and_score_completions(generation_batch)])
         return trl_private.buffered_generation(self)[0]
 
