@@ -181,11 +181,19 @@ def _range_columns(merit: dict | None, baseline: str | None) -> list[str]:
     """The healthy-range table row of one config: range, width, width over the baseline's, accuracy in range."""
     if merit is None:
         return ["-", "-", "-", "-"]
-    rng = "none" if merit["low"] is None else f"{merit['low']:g}" if merit["low"] == merit["high"] else (
-        f"{merit['low']:g}-{merit['high']:g}")  # fmt: skip
+    if merit["low"] is None:
+        rng = "none"
+    elif merit["low"] == merit["high"]:
+        rng = f"{merit['low']:g}"
+    else:
+        rng = f"{merit['low']:g}-{merit['high']:g}"
     ratio = merit.get("width_vs_baseline")
-    vs = "(baseline)" if merit["config"] == baseline else "-" if ratio is None else "inf" if ratio == math.inf else (
-        f"{ratio:.1f}x")  # fmt: skip
+    if merit["config"] == baseline:
+        vs = "(baseline)"
+    elif ratio is None:
+        vs = "-"
+    else:
+        vs = "inf" if ratio == math.inf else f"{ratio:.1f}x"
     acc = "-"
     if merit.get("accuracy") is not None:
         low, high = merit["ci95"]

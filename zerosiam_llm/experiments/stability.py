@@ -169,8 +169,8 @@ def run_grid(
     for cell, cell_dir, args in plans:
         if (cell_dir / CELL_FILE).is_file():
             records[cell] = json.loads((cell_dir / CELL_FILE).read_text())
-        elif json.dumps(args) in reusable:
-            records[cell] = reuse_cell(cell, cell_dir, reusable[json.dumps(args)])
+        elif (source := reusable.get(json.dumps(args))) is not None:
+            records[cell] = reuse_cell(cell, cell_dir, source)
             reused += 1
         elif configs is None or cell.config in configs:
             todo.append((cell, cell_dir, args))
