@@ -11,7 +11,13 @@ import yaml
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.experiments.classify import classify_run, run_metrics
 from zerosiam_llm.experiments.grid import Cell, load_grid
-from zerosiam_llm.experiments.report import _predictions, figure_of_merit, healthy_range, summarise_cells
+from zerosiam_llm.experiments.report import (
+    _predictions,
+    figure_of_merit,
+    healthy_range,
+    report_markdown,
+    summarise_cells,
+)
 from zerosiam_llm.experiments.stability import CELL_FILE, main, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +163,43 @@ def test_figure_of_merit_against_the_baseline(tmp_path):
     assert merit["zs"]["correct"] == 6 + 8 + 10 and merit["zs"]["graded"] == 300
     never = [dict(r, healthy=0) if r["config"] == "tent" else r for r in summary]
     assert {m["config"]: m for m in figure_of_merit(grid, never)}["zs"]["width_vs_baseline"] == math.inf
+
+
+def test_an_unfinished_row_says_how_wide_its_range_could_still_get(tmp_path):
+    # tent: 1e-4 healthy on 1 of 3 seeds run, 3e-4 collapsed, 1e-3 not run; zs: 1e-4 healthy, 3e-4 half run
+    tent = [dict(_row("tent", 1e-4, 1), finished=1), _row("tent", 3e-4, 0), dict(_row("tent", 1e-3, 0), finished=0)]
+    tent.append(_row("tent", 3e-3, 0))
+    rng = healthy_range(tent, LRS)
+    assert rng["width"] == 0.0 and rng["width_if_rest_healthy"] == pytest.approx(3.0)  # 1e-4 or 1e-3 alone
+    assert (rng["cells_finished"], rng["cells_to_run"]) == (7, 5)
+    zs = [_row("zs", 1e-4, 3), dict(_row("zs", 3e-4, 1), finished=1), _row("zs", 1e-3, 3), _row("zs", 3e-3, 2)]
+    rng = healthy_range(zs, LRS)
+    assert (rng["low"], rng["high"]) == (1e-4, 1e-4) and rng["width_if_rest_healthy"] == pytest.approx(3 * 10)
+    failed = [_row("zs", 1e-4, 3), dict(_row("zs", 3e-4, 0), finished=1), _row("zs", 1e-3, 2), _row("zs", 3e-3, 3)]
+    rng = healthy_range(failed, LRS)  # a finished unhealthy seed closes 3e-4 whatever the other seeds do
+    assert rng["width"] == rng["width_if_rest_healthy"] == pytest.approx(3.0)
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "recipe": "smollm2-135m-online-cpu", "learning_rates": LRS, "seeds": [0, 1, 2], "streams": ["arithmetic"],
+        "baseline": "tent", "configs": {"tent": {"method": "tent"}, "zs": {"method": "zerosiam"},
+                                        "sar": {"method": "sar"}},
+    }))  # fmt: skip
+    grid = load_grid(grid_file)
+    never = [dict(_row("sar", lr, 0), finished=0, verdicts=[]) for lr in LRS]
+    summary = [dict(r, verdicts=[]) for r in tent + zs + never]
+    for r in summary:
+        r.update({k: None for k in ("entropy_final", "logit_norm_ratio", "repetition_final", "base_nll_ratio",
+                                    "answer_rate_final", "first_rule_update", "accuracy")})  # fmt: skip
+    md = report_markdown(grid, summary, figure_of_merit(grid, summary))
+    assert "| arithmetic | tent | none | 0.0 (up to 3.0: 5 cells to run) | - | - |" in md
+    assert "| arithmetic | zs | 0.0001 .. 0.0001 | 3.0 (up to 30.0: 2 cells to run) | inf (open) |" in md
+    assert "| arithmetic | sar | not run | - | - | - |" in md
+    assert "Some cells have not run" in md
+    closed = [dict(r, finished=3) for r in summary if r["config"] != "sar"]
+    closed_grid = load_grid(grid_file)
+    closed_grid.configs.pop("sar")
+    assert "Some cells have not run" not in report_markdown(closed_grid, closed, figure_of_merit(closed_grid, closed))
 
 
 def _write_grid(path: Path, model_dir: Path, configs: dict, **extra) -> Path:

@@ -177,28 +177,38 @@ def _map_cell_text(row: dict, batches: int | None) -> str:
     return f"{head}\n{' '.join(marks)}"
 
 
-def _range_columns(merit: dict | None, baseline: str | None) -> list[str]:
-    """The healthy-range table row of one config: range, width, width over the baseline's, accuracy in range."""
+def _range_columns(merit: dict | None, baseline: str | None, baseline_open: bool = False) -> list[str]:
+    """The healthy-range table row of one config: range, width, width over the baseline's, accuracy in range.
+    While cells remain, an open width shows its best case (``3.3 (<=33)``) and a ratio involving an open range
+    ends in ``?``."""
+    from zerosiam_llm.experiments.report import range_is_open
+
     if merit is None:
         return ["-", "-", "-", "-"]
+    if not merit.get("cells_finished", 1):
+        return ["not run", "-", "-", "-"]
     if merit["low"] is None:
         rng = "none"
     elif merit["low"] == merit["high"]:
         rng = f"{merit['low']:g}"
     else:
         rng = f"{merit['low']:g}-{merit['high']:g}"
+    is_open = range_is_open(merit)
+    width = "0" if not merit["width"] else f"{merit['width']:.1f}"
+    if is_open:
+        width += f" (<={merit['width_if_rest_healthy']:.0f})"
     ratio = merit.get("width_vs_baseline")
     if merit["config"] == baseline:
         vs = "(baseline)"
     elif ratio is None:
         vs = "-"
     else:
-        vs = "inf" if ratio == math.inf else f"{ratio:.1f}x"
+        vs = ("inf" if ratio == math.inf else f"{ratio:.1f}x") + ("?" if is_open or baseline_open else "")
     acc = "-"
     if merit.get("accuracy") is not None:
         low, high = merit["ci95"]
         acc = f"{100 * merit['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-    return [rng, "0" if not merit["width"] else f"{merit['width']:.1f}", vs, acc]
+    return [rng, width, vs, acc]
 
 
 RANGE_HEADERS = ("healthy lr range", "width", "vs base", "acc % [95% CI]")
@@ -221,6 +231,8 @@ def plot_stability_map(
     run of learning rates where every seed is healthy, its width, its ratio to the baseline's width, and the pooled
     accuracy inside it with its 95% Wilson interval)."""
     from matplotlib.figure import Figure
+
+    from zerosiam_llm.experiments.report import range_is_open
 
     output = Path(output)
     by_key = {(r["stream"], r["config"], r["learning_rate"]): r for r in summary}
@@ -257,15 +269,20 @@ def plot_stability_map(
             for x, header in zip(RANGE_X, RANGE_HEADERS, strict=True):
                 table.text(x, -0.75, header, fontsize=8, fontweight="bold", va="center")
             for i, config in enumerate(configs):
-                columns = _range_columns(merit_by_key.get((stream, config)), baseline)
+                base = merit_by_key.get((stream, baseline))
+                columns = _range_columns(merit_by_key.get((stream, config)), baseline,
+                                         base is not None and range_is_open(base))  # fmt: skip
                 for x, text in zip(RANGE_X, columns, strict=True):
                     table.text(x, i, text, fontsize=8, va="center")
     if image is not None:
         bar = fig.colorbar(image, ax=list(map_axes), orientation="horizontal", fraction=0.04, aspect=30)
         bar.set_label("share of seeds healthy", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    fig.supxlabel(f"cell: healthy/finished seeds; C collapsed, D degraded, @N median update of the first guard rule"
-                  f" (of {batches}); clean: no rule fired", fontsize=7)  # fmt: skip
+    caption = (f"cell: healthy/finished seeds; C collapsed, D degraded, @N median update of the first guard rule"
+               f" (of {batches}); clean: no rule fired")  # fmt: skip
+    if any(range_is_open(m) for m in merit):
+        caption += "\nwidth (<=W): W if every seed still to run is healthy; ?: the ratio involves such an open range"
+    fig.supxlabel(caption, fontsize=7)
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format=output.suffix.lstrip(".") or "png", dpi=120)
     return output

@@ -57,21 +57,34 @@ def healthy_range(rows: Sequence[Mapping[str, Any]], learning_rates: Sequence[fl
 
     Each grid point stands for the band between its neighbours' geometric midpoints, so a range ``lo..hi`` on a
     grid of step ``s`` (x3 here) has width ``s * hi / lo``; one healthy point has width ``s``; none has width 0.
-    Rows whose seeds are not all finished count as not healthy.
+    Rows whose seeds are not all finished count as not healthy. ``width_if_rest_healthy`` is the width the range
+    would reach if every seed still to run came out healthy, so a map in progress says which ranges are still open
+    (``cells_to_run`` > 0 and a larger best case) and which no remaining cell can change.
     """
     by_lr = {r["learning_rate"]: r for r in rows}
-    ok = [lr for lr in learning_rates if lr in by_lr and by_lr[lr]["finished"] == by_lr[lr]["seeds"]
-          and by_lr[lr]["healthy"] == by_lr[lr]["seeds"]]  # fmt: skip
+
+    def widest(ok: list[float]) -> list[float]:
+        best: list[float] = []
+        run: list[float] = []
+        for lr in learning_rates:
+            run = run + [lr] if lr in ok else []
+            if len(run) > len(best):
+                best = run
+        return best
+
+    def points(rest_healthy: bool) -> list[float]:
+        return [lr for lr, r in by_lr.items() if r["healthy"] == r["finished"]
+                and (r["finished"] == r["seeds"] or rest_healthy)]  # fmt: skip
+
     step = _grid_step(learning_rates)
-    best: list[float] = []
-    run: list[float] = []
-    for lr in learning_rates:
-        run = run + [lr] if lr in ok else []
-        if len(run) > len(best):
-            best = run
-    if not best:
-        return {"low": None, "high": None, "width": 0.0, "points": 0}
-    return {"low": best[0], "high": best[-1], "width": step * best[-1] / best[0], "points": len(best)}
+    best, best_case = widest(points(False)), widest(points(True))
+    out = {"low": None, "high": None, "width": 0.0, "points": 0}
+    if best:
+        out = {"low": best[0], "high": best[-1], "width": step * best[-1] / best[0], "points": len(best)}
+    out["width_if_rest_healthy"] = step * best_case[-1] / best_case[0] if best_case else 0.0
+    out["cells_finished"] = sum(r["finished"] for r in rows)
+    out["cells_to_run"] = sum(r["seeds"] - r["finished"] for r in rows)
+    return out
 
 
 def _grid_step(learning_rates: Sequence[float]) -> float:
@@ -111,6 +124,12 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
                 rng["width_vs_baseline"] = rng["width"] / base["width"]
             out.append(rng)
     return out
+
+
+def range_is_open(merit: Mapping[str, Any]) -> bool:
+    """Whether cells still to run could widen this healthy range (reports written before the best case was kept
+    count as closed)."""
+    return merit.get("width_if_rest_healthy", merit["width"]) > merit["width"]
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -214,10 +233,22 @@ def report_markdown(
         "| stream | config | healthy range | width | vs baseline | accuracy % in range |",
         "|---|---|---|---|---|---|",
     ]
+    open_configs = {(m["stream"], m["config"]) for m in merit if range_is_open(m)}
     for m in merit:
-        rng = "none" if m["low"] is None else f"{m['low']:g} .. {m['high']:g}"
-        lines.append(f"| {m['stream']} | {m['config']} | {rng} | {_f(m['width'], 1)} | "
-                     f"{_f(m['width_vs_baseline'], 1)} | {_pct(m)} |")  # fmt: skip
+        width, ratio = _f(m["width"], 1), _f(m["width_vs_baseline"], 1)
+        if not m.get("cells_finished", 1):
+            rng, width = "not run", "-"
+        else:
+            rng = "none" if m["low"] is None else f"{m['low']:g} .. {m['high']:g}"
+        if range_is_open(m) and width != "-":
+            width += f" (up to {_f(m['width_if_rest_healthy'], 1)}: {m['cells_to_run']} cells to run)"
+        if ratio != "-" and open_configs & {(m["stream"], m["config"]), (m["stream"], grid.baseline)}:
+            ratio += " (open)"
+        lines.append(f"| {m['stream']} | {m['config']} | {rng} | {width} | {ratio} | {_pct(m)} |")
+    if open_configs:
+        lines += ["", "Some cells have not run: \"up to W\" is the width a range would reach if every seed still to "
+                  "run came out healthy, and a ratio involving such an open range is marked (open); no remaining cell "
+                  "can change the other ranges."]  # fmt: skip
     lines += ["", "## Map", ""]
     lines += map_tables(grid, summary)
     lines += [
