@@ -357,6 +357,30 @@ def test_reuse_copies_a_finished_cell_with_the_same_arguments(tmp_path):
         run_grid(second, tmp_path / "second", crash, reuse=[tmp_path / "nowhere"])
 
 
+def test_a_config_that_never_updates_runs_once_per_seed_and_stands_for_every_lr(tmp_path):
+    configs = {"none": {"method": "none"}, "tent": {"method": "tent"}}
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, configs, learning_rates=[1e-4, 1e-3], seeds=[0, 1]))
+    assert not grid.updates("none") and grid.updates("tent")
+    crash = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    out = tmp_path / "out"
+    _, failed = run_grid(grid, out, crash, poll_seconds=0.05)
+    # the grid file lists lr 1e-4 first: none runs there once per seed, tent at every lr
+    assert sorted((c.config, c.learning_rate, c.seed) for c in failed) == [
+        ("none", 1e-4, 0), ("none", 1e-4, 1), ("tent", 1e-4, 0), ("tent", 1e-4, 1), ("tent", 1e-3, 0),
+        ("tent", 1e-3, 1),
+    ]  # fmt: skip
+    run = Cell("arithmetic", "none", 1e-4, 1)
+    record = {"stream": "arithmetic", "config": "none", "learning_rate": 1e-4, "seed": 1, "verdict": "healthy",
+              "rule": None, "update": None, "correct": 1, "graded": 4}  # fmt: skip
+    (run.folder(out) / CELL_FILE).write_text(json.dumps(record))
+    records, failed = run_grid(grid, out, crash, poll_seconds=0.05, configs=["none"])
+    copy = Cell("arithmetic", "none", 1e-3, 1)
+    assert [(c.learning_rate, c.seed) for c in failed] == [(1e-4, 0)]  # seed 0 still runs once; seed 1 is copied
+    on_disk = json.loads((copy.folder(out) / CELL_FILE).read_text())
+    assert on_disk == records[copy] == {**record, "learning_rate": 1e-3, "same_run_as": str(run.folder(out))}
+    assert Cell("arithmetic", "none", 1e-3, 0) not in records
+
+
 def test_the_report_says_which_configs_answer_by_sampled_majority(tmp_path):
     configs = {"tent": {"method": "tent"}, "ttrl": {"method": "majority-vote", "num_rollouts": 4, "temperature": 1.0}}
     grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, configs))

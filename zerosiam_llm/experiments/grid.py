@@ -73,6 +73,11 @@ class Grid:
             for config in self.configs
         ]
 
+    def updates(self, config: str) -> bool:
+        """Whether the config updates the model. ``method: none`` (the online baseline: the same stream and
+        predictions, no update) does not, so its learning rate is unused and one run per seed stands for every lr."""
+        return {**self.overrides, **self.configs[config]}.get("method") != "none"
+
     def cell_args(self, cell: Cell, data_dir: str | None) -> list[str]:
         """The ``train.py`` arguments of one cell (everything but ``--output_dir``)."""
         fields: dict[str, Any] = {"protocol": "online", **self.overrides}

@@ -22,6 +22,8 @@ command, which itself resumes from the run's last checkpoint. ``stability.md``, 
 ``stability.png`` are rewritten after every cell. ``--configs`` runs some rows now and the rest later (the report
 always covers the whole grid); ``--reuse`` copies a finished cell of another sweep whose ``train.py`` arguments are
 the same, instead of running it again (same arguments, same run: the verdict is copied, with ``reused_from``).
+A config that never updates (``method: none``) runs once per stream and seed, at the first learning rate of the
+grid file; its cells at the other learning rates are that run (copied, with ``same_run_as``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,26 @@ def reuse_cell(cell: Cell, cell_dir: Path, source: Path) -> dict[str, Any]:
     return record
 
 
+def copy_across_unused_lr(grid: Grid, records: dict[Cell, dict[str, Any]], output_dir: Path) -> int:
+    """Fill the unfinished cells of configs that never update (:meth:`Grid.updates`) from a finished cell of the
+    same stream, config and seed at another lr: the same run, so the same record (with ``same_run_as``). Returns how
+    many were filled."""
+    filled = 0
+    for cell in grid.cells():
+        if cell in records or grid.updates(cell.config):
+            continue
+        for lr in grid.run_order:
+            source = Cell(cell.stream, cell.config, lr, cell.seed)
+            if source in records and "same_run_as" not in records[source]:
+                record = dict(records[source], learning_rate=cell.learning_rate,
+                              same_run_as=str(source.folder(output_dir)))  # fmt: skip
+                atomic_write_json(cell.folder(output_dir) / CELL_FILE, record)
+                records[cell] = record
+                filled += 1
+                break
+    return filled
+
+
 def run_grid(
     grid: Grid,
     output_dir: Path,
@@ -163,7 +185,6 @@ def run_grid(
         _check_same_args(cell, cell_dir, args)  # every cell checked before any work
         plans.append((cell, cell_dir, args))
     records: dict[Cell, dict[str, Any]] = {}
-    todo = []
     reusable = finished_cells_by_args(reuse)
     reused = 0
     for cell, cell_dir, args in plans:
@@ -172,10 +193,22 @@ def run_grid(
         elif (source := reusable.get(json.dumps(args))) is not None:
             records[cell] = reuse_cell(cell, cell_dir, source)
             reused += 1
-        elif configs is None or cell.config in configs:
-            todo.append((cell, cell_dir, args))
-    later = len(cells) - len(records) - len(todo)
-    print(f"[stability] {len(cells)} cells: {len(records)} finished ({reused} copied from --reuse), {len(todo)} to run"
+    same_run = copy_across_unused_lr(grid, records, output_dir)
+    todo, waiting = [], 0
+    started: set[tuple[str, str, int]] = set()  # a config that never updates: one run per stream and seed
+    for cell, cell_dir, args in plans:
+        if cell in records or (configs is not None and cell.config not in configs):
+            continue
+        run = (cell.stream, cell.config, cell.seed)
+        if not grid.updates(cell.config) and run in started:
+            waiting += 1  # copied when that run finishes
+            continue
+        started.add(run)
+        todo.append((cell, cell_dir, args))
+    later = len(cells) - len(records) - len(todo) - waiting
+    print(f"[stability] {len(cells)} cells: {len(records)} finished ({reused} copied from --reuse"
+          + (f", {same_run} from the same run at another lr" if same_run else "") + f"), {len(todo)} to run"
+          + (f", {waiting} to copy from those runs (the lr is unused)" if waiting else "")
           + (f", {later} left for later (not in --configs)" if later else ""), flush=True)  # fmt: skip
     write_report(grid, records, output_dir)
     env = dict(os.environ)
@@ -209,6 +242,7 @@ def run_grid(
         bar.update(max(grid.batches - seen, 0))
         records[cell] = finish_cell(cell, cell_dir, args, threads)
         bar.write(f"[stability] {cell.name}: {verdict_text(records[cell])}")
+        copy_across_unused_lr(grid, records, output_dir)
         write_report(grid, records, output_dir)
     bar.close()
     if failed:
