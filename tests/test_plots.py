@@ -126,7 +126,7 @@ def test_stability_map_cells_say_healthy_collapsed_degraded_and_the_first_rule(t
     ]  # fmt: skip
     assert _range_columns(merit[0], "tent") == ["none", "0", "(baseline)", "-"]
     assert _range_columns(merit[1], "tent") == ["0.0001-0.0003", "9.0", "3.0x", "2.0 [1.0, 4.0]"]
-    still_open = dict(merit[1], width_if_rest_healthy=27.0, cells_finished=6, cells_to_run=3)
+    still_open = dict(merit[1], width_if_rest_healthy=27.0, open=True, cells_finished=6, cells_to_run=3)
     assert _range_columns(still_open, "tent")[:3] == ["0.0001-0.0003", "9.0 (<=27)", "3.0x?"]
     assert _range_columns(merit[1], "tent", baseline_open=True)[2] == "3.0x?"
     assert _range_columns(dict(merit[0], cells_finished=0, cells_to_run=12), "tent") == ["not run", "-", "-", "-"]

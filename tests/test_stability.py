@@ -170,14 +170,14 @@ def test_an_unfinished_row_says_how_wide_its_range_could_still_get(tmp_path):
     tent = [dict(_row("tent", 1e-4, 1), finished=1), _row("tent", 3e-4, 0), dict(_row("tent", 1e-3, 0), finished=0)]
     tent.append(_row("tent", 3e-3, 0))
     rng = healthy_range(tent, LRS)
-    assert rng["width"] == 0.0 and rng["width_if_rest_healthy"] == pytest.approx(3.0)  # 1e-4 or 1e-3 alone
+    assert rng["width"] == 0.0 and rng["width_if_rest_healthy"] == pytest.approx(3.0) and rng["open"]  # 1e-4 or 1e-3
     assert (rng["cells_finished"], rng["cells_to_run"]) == (7, 5)
     zs = [_row("zs", 1e-4, 3), dict(_row("zs", 3e-4, 1), finished=1), _row("zs", 1e-3, 3), _row("zs", 3e-3, 2)]
     rng = healthy_range(zs, LRS)
     assert (rng["low"], rng["high"]) == (1e-4, 1e-4) and rng["width_if_rest_healthy"] == pytest.approx(3 * 10)
     failed = [_row("zs", 1e-4, 3), dict(_row("zs", 3e-4, 0), finished=1), _row("zs", 1e-3, 2), _row("zs", 3e-3, 3)]
     rng = healthy_range(failed, LRS)  # a finished unhealthy seed closes 3e-4 whatever the other seeds do
-    assert rng["width"] == rng["width_if_rest_healthy"] == pytest.approx(3.0)
+    assert rng["width"] == rng["width_if_rest_healthy"] == pytest.approx(3.0) and not rng["open"]
 
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({

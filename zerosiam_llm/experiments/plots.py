@@ -181,8 +181,6 @@ def _range_columns(merit: dict | None, baseline: str | None, baseline_open: bool
     """The healthy-range table row of one config: range, width, width over the baseline's, accuracy in range.
     While cells remain, an open width shows its best case (``3.3 (<=33)``) and a ratio involving an open range
     ends in ``?``."""
-    from zerosiam_llm.experiments.report import range_is_open
-
     if merit is None:
         return ["-", "-", "-", "-"]
     if not merit.get("cells_finished", 1):
@@ -193,7 +191,7 @@ def _range_columns(merit: dict | None, baseline: str | None, baseline_open: bool
         rng = f"{merit['low']:g}"
     else:
         rng = f"{merit['low']:g}-{merit['high']:g}"
-    is_open = range_is_open(merit)
+    is_open = merit.get("open", False)
     width = "0" if not merit["width"] else f"{merit['width']:.1f}"
     if is_open:
         width += f" (<={merit['width_if_rest_healthy']:.0f})"
@@ -232,8 +230,6 @@ def plot_stability_map(
     accuracy inside it with its 95% Wilson interval)."""
     from matplotlib.figure import Figure
 
-    from zerosiam_llm.experiments.report import range_is_open
-
     output = Path(output)
     by_key = {(r["stream"], r["config"], r["learning_rate"]): r for r in summary}
     merit_by_key = {(m["stream"], m["config"]): m for m in merit}
@@ -271,7 +267,7 @@ def plot_stability_map(
             for i, config in enumerate(configs):
                 base = merit_by_key.get((stream, baseline))
                 columns = _range_columns(merit_by_key.get((stream, config)), baseline,
-                                         base is not None and range_is_open(base))  # fmt: skip
+                                         base is not None and base.get("open", False))  # fmt: skip
                 for x, text in zip(RANGE_X, columns, strict=True):
                     table.text(x, i, text, fontsize=8, va="center")
     if image is not None:
@@ -280,7 +276,7 @@ def plot_stability_map(
         bar.ax.tick_params(labelsize=7)
     caption = (f"cell: healthy/finished seeds; C collapsed, D degraded, @N median update of the first guard rule"
                f" (of {batches}); clean: no rule fired")  # fmt: skip
-    if any(range_is_open(m) for m in merit):
+    if any(m.get("open") for m in merit):
         caption += "\nwidth (<=W): W if every seed still to run is healthy; ?: the ratio involves such an open range"
     fig.supxlabel(caption, fontsize=7)
     with atomic_path(output) as tmp:

@@ -59,7 +59,7 @@ def healthy_range(rows: Sequence[Mapping[str, Any]], learning_rates: Sequence[fl
     grid of step ``s`` (x3 here) has width ``s * hi / lo``; one healthy point has width ``s``; none has width 0.
     Rows whose seeds are not all finished count as not healthy. ``width_if_rest_healthy`` is the width the range
     would reach if every seed still to run came out healthy, so a map in progress says which ranges are still open
-    (``cells_to_run`` > 0 and a larger best case) and which no remaining cell can change.
+    (``open``: ``cells_to_run`` > 0 and a larger best case) and which no remaining cell can change.
     """
     by_lr = {r["learning_rate"]: r for r in rows}
 
@@ -82,6 +82,7 @@ def healthy_range(rows: Sequence[Mapping[str, Any]], learning_rates: Sequence[fl
     if best:
         out = {"low": best[0], "high": best[-1], "width": step * best[-1] / best[0], "points": len(best)}
     out["width_if_rest_healthy"] = step * best_case[-1] / best_case[0] if best_case else 0.0
+    out["open"] = out["width_if_rest_healthy"] > out["width"]
     out["cells_finished"] = sum(r["finished"] for r in rows)
     out["cells_to_run"] = sum(r["seeds"] - r["finished"] for r in rows)
     return out
@@ -124,12 +125,6 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
                 rng["width_vs_baseline"] = rng["width"] / base["width"]
             out.append(rng)
     return out
-
-
-def range_is_open(merit: Mapping[str, Any]) -> bool:
-    """Whether cells still to run could widen this healthy range (reports written before the best case was kept
-    count as closed)."""
-    return merit.get("width_if_rest_healthy", merit["width"]) > merit["width"]
 
 
 def _f(value: float | None, digits: int = 2) -> str:
@@ -233,14 +228,14 @@ def report_markdown(
         "| stream | config | healthy range | width | vs baseline | accuracy % in range |",
         "|---|---|---|---|---|---|",
     ]
-    open_configs = {(m["stream"], m["config"]) for m in merit if range_is_open(m)}
+    open_configs = {(m["stream"], m["config"]) for m in merit if m["open"]}
     for m in merit:
         width, ratio = _f(m["width"], 1), _f(m["width_vs_baseline"], 1)
         if not m.get("cells_finished", 1):
             rng, width = "not run", "-"
         else:
             rng = "none" if m["low"] is None else f"{m['low']:g} .. {m['high']:g}"
-        if range_is_open(m) and width != "-":
+        if m["open"] and width != "-":
             width += f" (up to {_f(m['width_if_rest_healthy'], 1)}: {m['cells_to_run']} cells to run)"
         if ratio != "-" and open_configs & {(m["stream"], m["config"]), (m["stream"], grid.baseline)}:
             ratio += " (open)"
