@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from zerosiam_llm.cli import train_main
 from zerosiam_llm.errors import UserInputError
 from zerosiam_llm.experiments.classify import classify_run, run_metrics
 from zerosiam_llm.experiments.grid import Cell, load_grid
@@ -19,6 +20,7 @@ from zerosiam_llm.experiments.report import (
     summarise_cells,
 )
 from zerosiam_llm.experiments.stability import CELL_FILE, main, run_grid
+from zerosiam_llm.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -122,6 +124,11 @@ def test_run_metrics_final_window_and_ratios():
     assert out["base_nll_ratio"] == pytest.approx((0.4 + 0.8 + 0.8) / 3 / 0.4)
     assert out["entropy_final"] == pytest.approx(1.0)
     assert out["correct"] == 12
+    assert out["grad_norm_max"] is None  # no update logged a gradient norm: unknown, not zero
+    rows = [dict(r, grad_norm=0.5 if r["step"] == 3 else 0.0) for r in rows]
+    assert run_metrics(rows, None)["grad_norm_max"] == 0.5
+    rows[4]["grad_norm"] = float("nan")
+    assert run_metrics(rows, None)["grad_norm_max"] is None
 
 
 def _row(config, lr, healthy, seeds=3, correct=10, graded=100):
@@ -377,8 +384,34 @@ def test_a_config_that_never_updates_runs_once_per_seed_and_stands_for_every_lr(
     copy = Cell("arithmetic", "none", 1e-3, 1)
     assert [(c.learning_rate, c.seed) for c in failed] == [(1e-4, 0)]  # seed 0 still runs once; seed 1 is copied
     on_disk = json.loads((copy.folder(out) / CELL_FILE).read_text())
-    assert on_disk == records[copy] == {**record, "learning_rate": 1e-3, "same_run_as": str(run.folder(out))}
+    assert on_disk == records[copy] == {**record, "learning_rate": 1e-3, "same_run_as": str(run.folder(out)),
+                                        "lr_unused": "method none"}  # fmt: skip
     assert Cell("arithmetic", "none", 1e-3, 0) not in records
+    # tent updates: only a run whose every update had no gradient (and no predictor moved) stands for another lr
+    assert grid.lr_unused("tent", {"grad_norm_max": 0.0}) == "no update had a gradient"
+    for record in ({"grad_norm_max": 1e-9}, {"grad_norm_max": None}, {}):
+        assert grid.lr_unused("tent", record) is None
+    assert grid.lr_unused("tent", {"grad_norm_max": 0.0, "predictor_deviation_final": 0.3}) is None  # decay moved P
+
+
+def test_a_run_whose_updates_had_no_gradient_stands_for_every_lr(tiny_model_dir, tmp_path):
+    # RENT's reward on the tiny model: no rollout ends in \boxed{}, so every reward is equal and every advantage 0
+    configs = {"rent": {"method": "entropy-reward", "num_rollouts": 2, "temperature": 1.0}}
+    grid_file = _write_grid(tmp_path / "g.yaml", tiny_model_dir, configs, learning_rates=[1e-3, 1e-1], baseline=None)
+    grid = load_grid(grid_file)
+    out = tmp_path / "out"
+    records, failed = run_grid(grid, out, [sys.executable, str(TRAIN)], poll_seconds=0.2)
+    ran, copy = Cell("arithmetic", "rent", 1e-3, 0), Cell("arithmetic", "rent", 1e-1, 0)
+    assert failed == [] and records[ran]["grad_norm_max"] == 0.0 and records[ran]["updates"] == 2
+    assert records[copy]["same_run_as"] == str(ran.folder(out)) and not (copy.folder(out) / "run").exists()
+    assert records[copy]["lr_unused"] == "no update had a gradient"
+    assert "| arithmetic | rent | 0.001 .. 0.1 | 10000.0 | no-op |" in (out / "stability.md").read_text()
+    assert "No run of `rent` moved the model" in (out / "stability.md").read_text()
+    # the copy is right: run at the copied lr, train.py predicts exactly what the first run did
+    check = tmp_path / "check"
+    assert train_main([*grid.cell_args(copy, None), "--output_dir", str(check)]) == 0
+    (first,) = (ran.folder(out) / "run").glob("*/predictions.jsonl")
+    assert read_jsonl(check / first.parent.name / "predictions.jsonl") == read_jsonl(first)
 
 
 def test_the_report_says_which_configs_answer_by_sampled_majority(tmp_path):

@@ -3,6 +3,7 @@ replayed), and the figures the reports print."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -68,6 +69,15 @@ def classify_run(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _grad_norm_max(steps: Sequence[Mapping[str, Any]]) -> float | None:
+    """The largest gradient norm of any update; None unless every update logged a finite one. 0.0 means no update
+    had a gradient (GRPO whose every group had equal rewards): the adapter never moved, whatever the lr."""
+    norms = [r.get("grad_norm") for r in steps]
+    if not norms or not all(isinstance(n, int | float) and math.isfinite(n) for n in norms):
+        return None
+    return float(max(norms))
+
+
 def run_metrics(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | None) -> dict[str, Any]:
     """The figures a cell reports: final values (mean of the last updates), last/first ratios, stream accuracy."""
     steps = [r for r in rows if "loss" in r and "step" in r]
@@ -81,6 +91,7 @@ def run_metrics(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | 
         "answer_rate_final": _final(_numbers(steps, ANSWERS)),
         "top1_above_099_final": _final(_numbers(steps, DOMINANT)),
         "predictor_deviation_final": _final(_numbers(steps, "zerosiam/predictor_deviation")),
+        "grad_norm_max": _grad_norm_max(steps),
     }
     summary = summary or {}
     out["problems"] = summary.get("problems")

@@ -78,6 +78,17 @@ class Grid:
         predictions, no update) does not, so its learning rate is unused and one run per seed stands for every lr."""
         return {**self.overrides, **self.configs[config]}.get("method") != "none"
 
+    def lr_unused(self, config: str, record: Mapping[str, Any]) -> str | None:
+        """Why a finished cell's run would be the same at any learning rate, or None. Its config never updates
+        (``method: none``), or no update had a gradient (``grad_norm_max`` 0.0, e.g. GRPO whose every group had equal
+        rewards) and no predictor moved: weight decay acts on a zero gradient too, which would pull a full predictor
+        off I, but LoRA's B starts at zero and stays there, so the adapter stays a no-op and the lr never enters."""
+        if not self.updates(config):
+            return "method none"
+        if record.get("grad_norm_max") == 0.0 and not record.get("predictor_deviation_final"):
+            return "no update had a gradient"
+        return None
+
     def cell_args(self, cell: Cell, data_dir: str | None) -> list[str]:
         """The ``train.py`` arguments of one cell (everything but ``--output_dir``)."""
         fields: dict[str, Any] = {"protocol": "online", **self.overrides}

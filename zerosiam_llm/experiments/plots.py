@@ -198,6 +198,8 @@ def _range_columns(merit: dict | None, baseline: str | None, baseline_open: bool
     ratio = merit.get("width_vs_baseline")
     if merit["config"] == baseline:
         vs = "(baseline)"
+    elif merit.get("no_op"):
+        vs = "no-op"  # no run moved the model: its range measures no stability
     elif ratio is None:
         vs = "-"
     else:
@@ -278,6 +280,8 @@ def plot_stability_map(
                f" (of {batches}); clean: no rule fired")  # fmt: skip
     if any(m.get("open") for m in merit):
         caption += "\nwidth (<=W): W if every seed still to run is healthy; ?: the ratio involves such an open range"
+    if any(m.get("no_op") for m in merit):
+        caption += "\nno-op: no run moved the model (no update, or no gradient): the base model's verdicts at every lr"
     fig.supxlabel(caption, fontsize=7)
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format=output.suffix.lstrip(".") or "png", dpi=120)

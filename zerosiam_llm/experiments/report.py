@@ -40,6 +40,7 @@ def summarise_cells(grid: Grid, records: Mapping[Cell, Mapping[str, Any]]) -> li
                     "stream": stream, "config": config, "learning_rate": lr, "seeds": len(grid.seeds),
                     "finished": len(runs), "healthy": sum(r["verdict"] == "healthy" for r in runs),
                     "verdicts": [verdict_text(r) for r in runs], **_pooled_accuracy(runs),
+                    "model_never_moved": sum(grid.lr_unused(config, r) is not None for r in runs),
                 }  # fmt: skip
                 for key in ("entropy_final", "logit_norm_ratio", "repetition_final", "base_nll_ratio",
                             "answer_rate_final", "predictor_deviation_final"):  # fmt: skip
@@ -106,7 +107,7 @@ def _pooled_accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per stream and config: the healthy range, its width, the width over the baseline's, and the pooled stream
-    accuracy inside the range (all seeds)."""
+    accuracy inside the range (all seeds); ``no_op`` when no finished run moved the model (:meth:`Grid.lr_unused`)."""
     out = []
     for stream in grid.streams:
         ranges = {}
@@ -115,6 +116,10 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
             rng = healthy_range(rows, grid.learning_rates)
             inside = [r for r in rows if rng["low"] is not None and rng["low"] <= r["learning_rate"] <= rng["high"]]
             ranges[config] = {"stream": stream, "config": config, **rng, **_pooled_accuracy(inside)}
+            # every run left the model as it was: the base model's verdicts, a range that measures no stability
+            ranges[config]["no_op"] = rng["cells_finished"] > 0 and all(
+                r["model_never_moved"] == r["finished"] for r in rows
+            )
         base = ranges.get(grid.baseline) if grid.baseline else None
         for config, rng in ranges.items():
             if base is None or config == grid.baseline:
@@ -239,11 +244,19 @@ def report_markdown(
             width += f" (up to {_f(m['width_if_rest_healthy'], 1)}: {m['cells_to_run']} cells to run)"
         if ratio != "-" and open_configs & {(m["stream"], m["config"]), (m["stream"], grid.baseline)}:
             ratio += " (open)"
+        if m.get("no_op"):
+            ratio = "no-op"
         lines.append(f"| {m['stream']} | {m['config']} | {rng} | {width} | {ratio} | {_pct(m)} |")
     if open_configs:
         lines += ["", "Some cells have not run: \"up to W\" is the width a range would reach if every seed still to "
                   "run came out healthy, and a ratio involving such an open range is marked (open); no remaining cell "
                   "can change the other ranges."]  # fmt: skip
+    no_op = sorted({m["config"] for m in merit if m.get("no_op")})
+    if no_op:
+        lines += ["", f"No run of {', '.join(f'`{c}`' for c in no_op)} moved the model (`method: none`, or no update "
+                  "had a gradient: `grad_norm_max` 0 in `cell.json`): its verdicts are the base model's own, one run "
+                  "per seed stands for every lr (`same_run_as`), and its range, marked no-op, is that of no "
+                  "adaptation, not a measure of stability."]  # fmt: skip
     lines += ["", "## Map", ""]
     lines += map_tables(grid, summary)
     lines += [

@@ -23,7 +23,9 @@ command, which itself resumes from the run's last checkpoint. ``stability.md``, 
 always covers the whole grid); ``--reuse`` copies a finished cell of another sweep whose ``train.py`` arguments are
 the same, instead of running it again (same arguments, same run: the verdict is copied, with ``reused_from``).
 A config that never updates (``method: none``) runs once per stream and seed, at the first learning rate of the
-grid file; its cells at the other learning rates are that run (copied, with ``same_run_as``).
+grid file; its cells at the other learning rates are that run (copied, with ``same_run_as``). So is a finished run
+in which no update had a gradient (GRPO whose every group had equal rewards): its cells at the lrs not yet run are
+copies of it, since the lr multiplied nothing but zeros.
 """
 
 from __future__ import annotations
@@ -133,22 +135,24 @@ def reuse_cell(cell: Cell, cell_dir: Path, source: Path) -> dict[str, Any]:
 
 
 def copy_across_unused_lr(grid: Grid, records: dict[Cell, dict[str, Any]], output_dir: Path) -> int:
-    """Fill the unfinished cells of configs that never update (:meth:`Grid.updates`) from a finished cell of the
-    same stream, config and seed at another lr: the same run, so the same record (with ``same_run_as``). Returns how
-    many were filled."""
+    """Fill each unfinished cell from a finished cell of the same stream, config and seed at another lr whose run
+    did not depend on its lr (:meth:`Grid.lr_unused`): the same run, so the same record (with ``same_run_as`` and
+    ``lr_unused``). Returns how many were filled."""
     filled = 0
     for cell in grid.cells():
-        if cell in records or grid.updates(cell.config):
+        if cell in records:
             continue
         for lr in grid.run_order:
             source = Cell(cell.stream, cell.config, lr, cell.seed)
-            if source in records and "same_run_as" not in records[source]:
-                record = dict(records[source], learning_rate=cell.learning_rate,
-                              same_run_as=str(source.folder(output_dir)))  # fmt: skip
-                atomic_write_json(cell.folder(output_dir) / CELL_FILE, record)
-                records[cell] = record
-                filled += 1
-                break
+            record = records.get(source)
+            if record is None or "same_run_as" in record or (why := grid.lr_unused(cell.config, record)) is None:
+                continue
+            record = dict(record, learning_rate=cell.learning_rate, same_run_as=str(source.folder(output_dir)),
+                          lr_unused=why)  # fmt: skip
+            atomic_write_json(cell.folder(output_dir) / CELL_FILE, record)
+            records[cell] = record
+            filled += 1
+            break
     return filled
 
 
@@ -217,6 +221,11 @@ def run_grid(
     failed = []
     bar = tqdm(total=len(todo) * grid.batches, unit="update", desc="stability", dynamic_ncols=True)
     for i, (cell, cell_dir, args) in enumerate(todo, 1):
+        if cell in records:  # copied meanwhile: a run at another lr turned out not to depend on its lr
+            bar.update(grid.batches)
+            bar.write(f"[stability] {cell.name}: {records[cell]['lr_unused']}, so the same run as "
+                      f"{records[cell]['same_run_as']}")  # fmt: skip
+            continue
         bar.set_description(f"cell {i}/{len(todo)} {cell.name}")
         done_before = _count_updates(cell_dir)
         bar.update(done_before)
