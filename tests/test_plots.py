@@ -130,6 +130,7 @@ def test_stability_map_cells_say_healthy_collapsed_degraded_and_the_first_rule(t
     assert _range_columns(still_open, "tent")[:3] == ["0.0001-0.0003", "9.0 (<=27)", "3.0x?"]
     assert _range_columns(merit[1], "tent", baseline_open=True)[2] == "3.0x?"
     assert _range_columns(dict(merit[0], cells_finished=0, cells_to_run=12), "tent") == ["not run", "-", "-", "-"]
+    assert _range_columns(dict(merit[1], config="none", no_op=True), "tent")[2] == "no-op"  # never moved the model
     summary = [_map_row("tent", 3e-4, [collapsed] * 3, first=8), _map_row("zs", 3e-4, ["healthy"] * 3, first=17)]
     summary += [_map_row("tent", 1e-4, []), _map_row("zs", 1e-4, [])]  # not run
     out = plot_stability_map(summary, ["gsm8k"], ["tent", "zs"], [1e-4, 3e-4], tmp_path / "map.png", 16, merit, "tent")

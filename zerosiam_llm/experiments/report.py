@@ -118,7 +118,7 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
             ranges[config] = {"stream": stream, "config": config, **rng, **_pooled_accuracy(inside)}
             # every run left the model as it was: the base model's verdicts, a range that measures no stability
             ranges[config]["no_op"] = rng["cells_finished"] > 0 and all(
-                r["model_never_moved"] == r["finished"] for r in rows
+                r.get("model_never_moved", 0) == r["finished"] for r in rows
             )
         base = ranges.get(grid.baseline) if grid.baseline else None
         for config, rng in ranges.items():
