@@ -203,6 +203,10 @@ def test_an_unfinished_row_says_how_wide_its_range_could_still_get(tmp_path):
     assert "| arithmetic | zs | 0.0001 .. 0.0001 | 3.0 (up to 30.0: 2 cells to run) | inf (open) |" in md
     assert "| arithmetic | sar | not run | - | - | - |" in md
     assert "Some cells have not run" in md
+    grid.baseline = "zs"  # a baseline with a width: a row with no cell still has no ratio
+    md = report_markdown(grid, summary, figure_of_merit(grid, summary))
+    assert "| arithmetic | sar | not run | - | - | - |" in md and "| arithmetic | zs | 0.0001 .. 0.0001 |" in md
+    grid.baseline = "tent"
     closed = [dict(r, finished=3) for r in summary if r["config"] != "sar"]
     closed_grid = load_grid(grid_file)
     closed_grid.configs.pop("sar")

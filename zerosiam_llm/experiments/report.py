@@ -237,7 +237,7 @@ def report_markdown(
     for m in merit:
         width, ratio = _f(m["width"], 1), _f(m["width_vs_baseline"], 1)
         if not m.get("cells_finished", 1):
-            rng, width = "not run", "-"
+            rng, width, ratio = "not run", "-", "-"
         else:
             rng = "none" if m["low"] is None else f"{m['low']:g} .. {m['high']:g}"
         if m["open"] and width != "-":
