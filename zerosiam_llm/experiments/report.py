@@ -215,9 +215,8 @@ def report_markdown(
         "",
         f"Online protocol, recipe `{grid.recipe}`, {grid.batches} batches of {grid.stream_batch_size} problems "
         f"per run ({_predictions(grid)}, one update per batch), seeds {', '.join(map(str, grid.seeds))}. "
-        "Verdicts from "
-        # the committed reports say stability.py (now experiments/): kept, so every report regenerates byte-identical
-        "the collapse guard's default rules replayed over each run's metrics (see `zerosiam_llm/stability.py`). Final "
+        "Verdicts from the collapse guard's default rules replayed over each run's metrics (see "
+        "`zerosiam_llm/monitoring/guard.py`). Final "
         f"values are the mean of the last {FINAL_WINDOW} updates, ratios are final / first update; medians over "
         f'seeds; "first rule at" is the lower median of the update at which each run\'s first guard rule fired '
         f"(> {grid.batches}: none fired). Accuracy: the stream's recorded predictions, all seeds pooled, 95% Wilson "
