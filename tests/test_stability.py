@@ -342,6 +342,41 @@ def test_configs_runs_only_those_rows_and_the_report_covers_the_grid(tmp_path, c
         run_grid(grid, out, crash, configs=["sar"])
 
 
+
+def test_seeds_and_learning_rates_run_only_those_cells(tmp_path, capsys):
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}, "zs": {}},
+                                 learning_rates=[3e-4, 1e-3], seeds=[0, 1]))  # fmt: skip
+    crash = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    out = tmp_path / "out"
+    _, failed = run_grid(grid, out, crash, poll_seconds=0.05, seeds=[1], learning_rates=[3e-4])
+    assert [(c.config, c.learning_rate, c.seed) for c in failed] == [("tent", 3e-4, 1), ("zs", 3e-4, 1)]
+    assert not (Cell("arithmetic", "tent", 1e-3, 1).folder(out) / "train.log").exists()
+    assert not (Cell("arithmetic", "tent", 3e-4, 0).folder(out) / "train.log").exists()
+    assert "6 left for later (not in --seeds, --learning_rates)" in capsys.readouterr().out
+    _, failed = run_grid(grid, out, crash, poll_seconds=0.05, configs=["zs"], seeds=[0], learning_rates=[0.001])
+    assert [(c.config, c.learning_rate, c.seed) for c in failed] == [("zs", 1e-3, 0)]  # every selector at once
+    with pytest.raises(UserInputError, match="--seeds: 2 is not a seed of the grid; seeds: 0, 1"):
+        run_grid(grid, out, crash, seeds=[2])
+    with pytest.raises(UserInputError, match="--learning_rates: 0.003 is not a learning rate of the grid; "
+                       "learning rates: 0.0003, 0.001"):  # fmt: skip
+        run_grid(grid, out, crash, learning_rates=[3e-3])
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--seeds", "0,x"], "error: argument --seeds: '0,x' is not a comma-separated list of integers"),
+        (["--learning_rates", "3e-4;1e-3"],
+         "error: argument --learning_rates: '3e-4;1e-3' is not a comma-separated list of numbers"),
+        (["--seeds", "7"], "error: --seeds: 7 is not a seed of the grid; seeds: 0"),
+    ],
+)  # fmt: skip
+def test_bad_selection_through_the_command_line(tmp_path, capsys, option, message):
+    path = _write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}})
+    assert main(["--grid", str(path), "--output_dir", str(tmp_path / "out"), *option]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists()
+
 def test_reuse_copies_a_finished_cell_with_the_same_arguments(tmp_path):
     fields = {"method": "zerosiam", "predictor_lr_ratio": 30}
     first = load_grid(_write_grid(tmp_path / "a.yaml", tmp_path, {"zs-x30": fields}, baseline=None))

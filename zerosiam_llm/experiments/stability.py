@@ -20,8 +20,10 @@ update per batch. Each finished run is classified from its logged metrics with t
 A killed sweep resumes: finished cells (``cell.json``) are skipped, an unfinished one reruns its ``train.py``
 command, which itself resumes from the run's last checkpoint. ``stability.md``, ``stability.json`` and
 ``stability.png`` are rewritten after every cell. ``--configs`` runs some rows now and the rest later (the report
-always covers the whole grid); ``--reuse`` copies a finished cell of another sweep whose ``train.py`` arguments are
-the same, instead of running it again (same arguments, same run: the verdict is copied, with ``reused_from``).
+always covers the whole grid), ``--seeds`` and ``--learning_rates`` some seeds and columns (one seed at every lr
+first, for a first look at a costly row); ``--reuse`` copies a finished cell of another sweep whose ``train.py``
+arguments are the same, instead of running it again (same arguments, same run: the verdict is copied, with
+``reused_from``).
 A config that never updates (``method: none``) runs once per stream and seed, at the first learning rate of the
 grid file; its cells at the other learning rates are that run (copied, with ``same_run_as``). So is a finished run
 in which no update had a gradient (GRPO whose every group had equal rewards): its cells at the lrs not yet run are
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -156,6 +159,50 @@ def copy_across_unused_lr(grid: Grid, records: dict[Cell, dict[str, Any]], outpu
     return filled
 
 
+class _Selection:
+    """Which cells a sweep runs now (``--configs``, ``--seeds``, ``--learning_rates``); ``options``: those given."""
+
+    def __init__(self, configs: set[str] | None, seeds: set[int] | None, learning_rates: set[float] | None) -> None:
+        self.configs, self.seeds, self.learning_rates = configs, seeds, learning_rates
+        given = (("--configs", configs), ("--seeds", seeds), ("--learning_rates", learning_rates))
+        self.options = ", ".join(name for name, values in given if values is not None)
+
+    def __call__(self, cell: Cell) -> bool:
+        return ((self.configs is None or cell.config in self.configs)
+                and (self.seeds is None or cell.seed in self.seeds)
+                and (self.learning_rates is None or cell.learning_rate in self.learning_rates))  # fmt: skip
+
+
+def _selection(
+    grid: Grid,
+    configs: Sequence[str] | None,
+    seeds: Sequence[int] | None,
+    learning_rates: Sequence[float] | None,
+) -> _Selection:
+    """Check each selector against the grid (a value the grid lacks is a clear error, not an empty sweep); learning
+    rates match the grid's within float rounding (``3e-4`` selects ``0.0003``)."""
+    unknown = [c for c in configs or () if c not in grid.configs]
+    if unknown:
+        raise UserInputError(
+            f"--configs: {unknown[0]!r} is not a config of the grid; configs: {', '.join(grid.configs)}"
+        )
+    unknown_seeds = [s for s in seeds or () if s not in grid.seeds]
+    if unknown_seeds:
+        raise UserInputError(
+            f"--seeds: {unknown_seeds[0]} is not a seed of the grid; seeds: {', '.join(map(str, grid.seeds))}"
+        )
+    lrs = None
+    if learning_rates is not None:
+        lrs = set()
+        for lr in learning_rates:
+            match = [g for g in grid.learning_rates if math.isclose(g, lr, rel_tol=1e-9)]
+            if not match:
+                raise UserInputError(f"--learning_rates: {lr:g} is not a learning rate of the grid; learning rates: "
+                                     f"{', '.join(f'{g:g}' for g in grid.learning_rates)}")  # fmt: skip
+            lrs.add(match[0])
+    return _Selection(None if configs is None else set(configs), None if seeds is None else set(seeds), lrs)
+
+
 def run_grid(
     grid: Grid,
     output_dir: Path,
@@ -165,17 +212,16 @@ def run_grid(
     poll_seconds: float = 2.0,
     configs: Sequence[str] | None = None,
     reuse: Sequence[Path] = (),
+    seeds: Sequence[int] | None = None,
+    learning_rates: Sequence[float] | None = None,
 ) -> tuple[dict[Cell, dict[str, Any]], list[Cell]]:
-    """Run every unfinished cell (of ``configs`` only, when given), one process at a time, rewriting the report
-    after each; a cell whose arguments equal a finished cell under a ``reuse`` folder is copied from it. Returns the
-    finished records and the cells whose run failed (a failed cell does not stop the others; re-running retries it)."""
+    """Run every unfinished cell (of the given ``configs``, ``seeds`` and ``learning_rates`` only, when given), one
+    process at a time, rewriting the report after each; a cell whose arguments equal a finished cell under a
+    ``reuse`` folder is copied from it. Returns the finished records and the cells whose run failed (a failed cell
+    does not stop the others; re-running retries it)."""
     from tqdm.auto import tqdm
 
-    unknown = [c for c in configs or () if c not in grid.configs]
-    if unknown:
-        raise UserInputError(
-            f"--configs: {unknown[0]!r} is not a config of the grid; configs: {', '.join(grid.configs)}"
-        )
+    selected = _selection(grid, configs, seeds, learning_rates)
 
     if "gsm8k" in grid.streams and not data_dir:
         raise UserInputError("the gsm8k stream needs --data_dir (a folder holding gsm8k_test.jsonl)")
@@ -201,7 +247,7 @@ def run_grid(
     todo, waiting = [], 0
     started: set[tuple[str, str, int]] = set()  # a config that never updates: one run per stream and seed
     for cell, cell_dir, args in plans:
-        if cell in records or (configs is not None and cell.config not in configs):
+        if cell in records or not selected(cell):
             continue
         run = (cell.stream, cell.config, cell.seed)
         if not grid.updates(cell.config) and run in started:
@@ -213,7 +259,7 @@ def run_grid(
     print(f"[stability] {len(cells)} cells: {len(records)} finished ({reused} copied from --reuse"
           + (f", {same_run} from the same run at another lr" if same_run else "") + f"), {len(todo)} to run"
           + (f", {waiting} to copy from those runs (the lr is unused)" if waiting else "")
-          + (f", {later} left for later (not in --configs)" if later else ""), flush=True)  # fmt: skip
+          + (f", {later} left for later (not in {selected.options})" if later else ""), flush=True)  # fmt: skip
     write_report(grid, records, output_dir)
     env = dict(os.environ)
     if threads:
@@ -270,6 +316,20 @@ def run_grid(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2, through run_cli
         raise UserInputError(message)
@@ -293,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
             default=None,
             help="comma-separated config names: run only their cells now (the report covers all)",
         )
+        parser.add_argument("--seeds", type=_int_list, default=None,
+                            help="comma-separated seeds of the grid: run only their cells now")  # fmt: skip
+        parser.add_argument("--learning_rates", type=_float_list, default=None,
+                            help="comma-separated learning rates of the grid (3e-4,1e-3): run only their cells "
+                            "now")  # fmt: skip
         parser.add_argument("--reuse", type=Path, action="append", default=[], metavar="DIR",
                             help="another sweep's --output_dir: copy its finished cells with the same arguments "
                             "instead of running them (repeatable)")  # fmt: skip
@@ -310,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             from zerosiam_llm.online import TRAIN_COMMAND  # here: a bad grid file is refused without loading torch+trl
 
             _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads, configs=only,
-                                 reuse=ns.reuse)  # fmt: skip
+                                 reuse=ns.reuse, seeds=ns.seeds, learning_rates=ns.learning_rates)  # fmt: skip
             if failed:
                 return 1
         print((ns.output_dir / "stability.md").read_text())
