@@ -342,7 +342,6 @@ def test_configs_runs_only_those_rows_and_the_report_covers_the_grid(tmp_path, c
         run_grid(grid, out, crash, configs=["sar"])
 
 
-
 def test_seeds_and_learning_rates_run_only_those_cells(tmp_path, capsys):
     grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, {"tent": {"method": "tent"}, "zs": {}},
                                  learning_rates=[3e-4, 1e-3], seeds=[0, 1]))  # fmt: skip
@@ -376,6 +375,7 @@ def test_bad_selection_through_the_command_line(tmp_path, capsys, option, messag
     assert main(["--grid", str(path), "--output_dir", str(tmp_path / "out"), *option]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists()
+
 
 def test_reuse_copies_a_finished_cell_with_the_same_arguments(tmp_path):
     fields = {"method": "zerosiam", "predictor_lr_ratio": 30}
@@ -461,3 +461,18 @@ def test_the_report_says_which_configs_answer_by_sampled_majority(tmp_path):
     )
     greedy = load_grid(_write_grid(tmp_path / "h.yaml", tmp_path, {"tent": {"method": "tent"}}))
     assert _predictions(greedy) == "greedy predictions"
+
+
+def test_pooled_accuracy_over_a_range_counts_a_copied_run_once(tmp_path):
+    configs = {"tent": {"method": "tent"}, "none": {"method": "none"}}
+    grid = load_grid(_write_grid(tmp_path / "g.yaml", tmp_path, configs, learning_rates=[1e-4, 3e-4, 1e-3]))
+    run = {"verdict": "healthy", "rule": None, "update": None, "correct": 3, "graded": 40}
+    source = Cell("arithmetic", "none", 3e-4, 0).folder(tmp_path / "out")
+    records = {Cell("arithmetic", "none", lr, 0): dict(run, **({} if lr == 3e-4 else {"same_run_as": str(source)}))
+               for lr in grid.learning_rates}  # fmt: skip
+    records.update({Cell("arithmetic", "tent", lr, 0): dict(run, correct=1) for lr in grid.learning_rates})
+    summary = summarise_cells(grid, records)
+    assert [r["correct"] for r in summary if r["config"] == "none"] == [3, 3, 3]  # each lr's row: its own cell
+    merit = {m["config"]: m for m in figure_of_merit(grid, summary)}
+    assert (merit["none"]["correct"], merit["none"]["graded"]) == (3, 40)  # one run, not three
+    assert (merit["tent"]["correct"], merit["tent"]["graded"]) == (3, 120)  # three runs

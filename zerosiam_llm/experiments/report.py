@@ -41,6 +41,9 @@ def summarise_cells(grid: Grid, records: Mapping[Cell, Mapping[str, Any]]) -> li
                     "finished": len(runs), "healthy": sum(r["verdict"] == "healthy" for r in runs),
                     "verdicts": [verdict_text(r) for r in runs], **_pooled_accuracy(runs),
                     "model_never_moved": sum(grid.lr_unused(config, r) is not None for r in runs),
+                    # copies of a run at another lr (same_run_as): pooled over a range, each run counts once
+                    "copied_correct": sum(r["correct"] or 0 for r in runs if r.get("same_run_as")),
+                    "copied_graded": sum(r["graded"] or 0 for r in runs if r.get("same_run_as")),
                 }  # fmt: skip
                 for key in ("entropy_final", "logit_norm_ratio", "repetition_final", "base_nll_ratio",
                             "answer_rate_final", "predictor_deviation_final"):  # fmt: skip
@@ -95,10 +98,12 @@ def _grid_step(learning_rates: Sequence[float]) -> float:
     return statistics.median(b / a for a, b in zip(learning_rates, learning_rates[1:], strict=False))
 
 
-def _pooled_accuracy(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Accuracy of the rows' predictions pooled (their ``correct`` / ``graded`` summed), with a 95% Wilson interval."""
-    correct = sum(r["correct"] or 0 for r in rows)
-    graded = sum(r["graded"] or 0 for r in rows)
+def _pooled_accuracy(rows: Sequence[Mapping[str, Any]], distinct_runs: bool = False) -> dict[str, Any]:
+    """Accuracy of the rows' predictions pooled (their ``correct`` / ``graded`` summed), with a 95% Wilson interval.
+    ``distinct_runs``: leave out the copies of a run made at another lr (``same_run_as``), so that pooling rows over
+    lrs counts each run's predictions once, not once per lr (which would narrow the interval without new data)."""
+    correct = sum((r["correct"] or 0) - (r.get("copied_correct", 0) if distinct_runs else 0) for r in rows)
+    graded = sum((r["graded"] or 0) - (r.get("copied_graded", 0) if distinct_runs else 0) for r in rows)
     if not graded:
         return {"accuracy": None, "correct": correct, "graded": 0, "ci95": None}
     return {"accuracy": correct / graded, "correct": correct, "graded": graded,
@@ -115,7 +120,7 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
             rows = [r for r in summary if r["stream"] == stream and r["config"] == config]
             rng = healthy_range(rows, grid.learning_rates)
             inside = [r for r in rows if rng["low"] is not None and rng["low"] <= r["learning_rate"] <= rng["high"]]
-            ranges[config] = {"stream": stream, "config": config, **rng, **_pooled_accuracy(inside)}
+            ranges[config] = {"stream": stream, "config": config, **rng, **_pooled_accuracy(inside, True)}
             # every run left the model as it was: the base model's verdicts, a range that measures no stability
             ranges[config]["no_op"] = rng["cells_finished"] > 0 and all(
                 r.get("model_never_moved", 0) == r["finished"] for r in rows
