@@ -120,7 +120,8 @@ def figure_of_merit(grid: Grid, summary: Sequence[Mapping[str, Any]]) -> list[di
             rows = [r for r in summary if r["stream"] == stream and r["config"] == config]
             rng = healthy_range(rows, grid.learning_rates)
             inside = [r for r in rows if rng["low"] is not None and rng["low"] <= r["learning_rate"] <= rng["high"]]
-            ranges[config] = {"stream": stream, "config": config, **rng, **_pooled_accuracy(inside, True)}
+            pooled = _pooled_accuracy(inside, distinct_runs=True)
+            ranges[config] = {"stream": stream, "config": config, **rng, **pooled}
             # every run left the model as it was: the base model's verdicts, a range that measures no stability
             ranges[config]["no_op"] = rng["cells_finished"] > 0 and all(
                 r.get("model_never_moved", 0) == r["finished"] for r in rows

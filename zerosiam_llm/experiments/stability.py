@@ -41,7 +41,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -316,18 +316,17 @@ def run_grid(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+def _comma_list(convert: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    """An argparse type: ``a,b`` -> ``[convert("a"), convert("b")]``, blanks dropped; one clear line when a value
+    does not convert."""
 
+    def parse(text: str) -> list[Any]:
+        try:
+            return [convert(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -350,19 +349,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--report_only", action="store_true", help="rewrite the reports from finished cells")
         parser.add_argument(
             "--configs",
+            type=_comma_list(str, "names"),
             default=None,
             help="comma-separated config names: run only their cells now (the report covers all)",
         )
-        parser.add_argument("--seeds", type=_int_list, default=None,
+        parser.add_argument("--seeds", type=_comma_list(int, "integers"), default=None,
                             help="comma-separated seeds of the grid: run only their cells now")  # fmt: skip
-        parser.add_argument("--learning_rates", type=_float_list, default=None,
+        parser.add_argument("--learning_rates", type=_comma_list(float, "numbers"), default=None,
                             help="comma-separated learning rates of the grid (3e-4,1e-3): run only their cells "
                             "now")  # fmt: skip
         parser.add_argument("--reuse", type=Path, action="append", default=[], metavar="DIR",
                             help="another sweep's --output_dir: copy its finished cells with the same arguments "
                             "instead of running them (repeatable)")  # fmt: skip
         ns = parser.parse_args(args)
-        only = [c.strip() for c in ns.configs.split(",") if c.strip()] if ns.configs is not None else None
         grid = load_grid(ns.grid)
         if ns.report_only:
             records = {}
@@ -374,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from zerosiam_llm.online import TRAIN_COMMAND  # here: a bad grid file is refused without loading torch+trl
 
-            _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads, configs=only,
+            _, failed = run_grid(grid, ns.output_dir, list(TRAIN_COMMAND), ns.data_dir, ns.threads, configs=ns.configs,
                                  reuse=ns.reuse, seeds=ns.seeds, learning_rates=ns.learning_rates)  # fmt: skip
             if failed:
                 return 1
